@@ -1,0 +1,43 @@
+# turbolm: `make demo` trains on the embedded corpus, `make test` runs the test suite.
+# Both create (or reuse) the virtual environment $(VENV) and install the project into it.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.turbolm-installed
+PYTHON ?= python3
+# The CUDA sources compile (not run) wherever nvcc exists; sm_80 + sm_90 as shipped.
+export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+
+.PHONY: install demo test test-all lint format clean
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+DEMO_RUN ?= runs/demo
+
+demo: install
+	$(VENV)/bin/turbolm train train.out_dir=$(DEMO_RUN) --overwrite
+	$(VENV)/bin/turbolm eval --checkpoint $(DEMO_RUN)
+	$(VENV)/bin/turbolm generate --checkpoint $(DEMO_RUN) --prompt 'def ' --max-new-tokens 200 --seed 0
+
+test: install
+	$(VENV)/bin/pytest -q
+
+test-all: install
+	$(VENV)/bin/pytest -q -m 'slow or not slow'
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache

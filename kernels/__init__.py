@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``turbolm.kernels``. One file per op family."""

@@ -1,0 +1,111 @@
+"""LayerNorm / RMSNorm op layer: torch backend vs the fp64 reference, gradients, errors."""
+
+import pytest
+import torch
+
+from tests.harness import OpCase, check_backend
+from turbolm.errors import DeviceError, DTypeError, InputError, ShapeError
+from turbolm.nn import LayerNorm, RMSNorm
+from turbolm.ops import layer_norm, rms_norm
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1), (3, 7), (5, 64), (7, 769), (2, 1023)]
+
+
+def _norm_case(op, rows, n, affine, scale=1.0, zero_var=False, non_contiguous=False):
+    def make(gen):
+        x = torch.randn(rows, n, generator=gen, dtype=torch.float64) * scale + 0.5 * scale
+        if zero_var:
+            x[0] = 3.0
+        if non_contiguous:
+            x = torch.randn(n, rows, generator=gen, dtype=torch.float64).t()
+        inputs = {"x": x}
+        if affine:
+            inputs["weight"] = 1 + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+            if op == "layer_norm":
+                inputs["bias"] = torch.randn(n, generator=gen, dtype=torch.float64)
+        return inputs
+
+    if op == "layer_norm":
+
+        def call(backend, x, weight=None, bias=None):
+            return layer_norm(x, n, weight, bias, 1e-5, backend=backend)
+
+        grads = ("x", "weight", "bias") if affine else ("x",)
+    else:
+
+        def call(backend, x, weight=None):
+            return rms_norm(x, n, weight, 1e-6, backend=backend)
+
+        grads = ("x", "weight") if affine else ("x",)
+    return OpCase(f"{op}[{rows}x{n}]", call, make, grad=grads)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,n", SHAPES)
+def test_torch_backend_matches_reference(op, dtype, rows, n):
+    check_backend(_norm_case(op, rows, n, affine=True), "torch", dtype)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"affine": False},
+        {"affine": True, "scale": 1e4},
+        {"affine": True, "zero_var": True},
+        {"affine": True, "non_contiguous": True},
+    ],
+    ids=["no_affine", "large", "zero_variance", "non_contiguous"],
+)
+def test_torch_backend_edge_cases(op, variant):
+    check_backend(_norm_case(op, 5, 33, **variant), "torch", torch.float32)
+
+
+def test_gradcheck_reference_float64():
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: layer_norm(x, 6, w, b, backend="reference"), (x, w, b)
+    )
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, 6, w, backend="reference"), (x, w))
+
+
+def test_multi_dim_normalized_shape_matches_torch():
+    x = torch.randn(2, 3, 4, 5)
+    w, b = torch.randn(4, 5), torch.randn(4, 5)
+    expected = torch.nn.functional.layer_norm(x, (4, 5), w, b)
+    got = layer_norm(x, (4, 5), w, b, backend="reference")
+    torch.testing.assert_close(got, expected)
+
+
+def test_nn_modules_are_drop_in():
+    ref = torch.nn.LayerNorm(16, eps=1e-6)
+    ref.weight.data.normal_()
+    ours = LayerNorm(16, eps=1e-6)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(ours(x), ref(x))
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ref_rms = torch.nn.RMSNorm(16)
+    ref_rms.weight.data.normal_()
+    ours_rms = RMSNorm(16)
+    ours_rms.load_state_dict(ref_rms.state_dict())
+    torch.testing.assert_close(ours_rms(x), ref_rms(x))
+    assert isinstance(LayerNorm(8, bias=False), torch.nn.LayerNorm)
+
+
+def test_errors_are_typed_and_name_the_argument():
+    x = torch.randn(3, 8)
+    with pytest.raises(DTypeError, match="x must have dtype"):
+        layer_norm(torch.ones(3, 8, dtype=torch.int64), 8)
+    with pytest.raises(ShapeError, match="weight must have shape"):
+        layer_norm(x, 8, torch.ones(7))
+    with pytest.raises(InputError, match="normalized_shape"):
+        rms_norm(x, 9)
+    with pytest.raises(DeviceError, match="same device"):
+        layer_norm(x, 8, torch.ones(8, device="meta"))
+    with pytest.raises(DTypeError, match="weight"):
+        rms_norm(x, 8, torch.ones(8, dtype=torch.int32))
