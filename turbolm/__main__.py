@@ -1,0 +1,5 @@
+import sys
+
+from turbolm.cli import main
+
+sys.exit(main())

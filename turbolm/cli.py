@@ -1,0 +1,295 @@
+"""The ``turbolm`` command: prepare, train, eval, generate, doctor.
+
+Every expected failure (bad argument, config, data or checkpoint) prints one line
+``turbolm <command>: error: ...`` and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from turbolm.errors import TurboLMError
+
+EXIT_USAGE = 2
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in the same one-line style as everything else."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------- prepare
+
+
+def _cmd_prepare(args) -> int:
+    from turbolm.data import prepare
+
+    meta = prepare(
+        args.out,
+        args.paths or None,
+        vocab_size=args.vocab_size,
+        tokenizer=args.tokenizer,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        include=args.include or None,
+        jsonl_field=args.jsonl_field,
+        max_docs=args.max_docs,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    splits = meta["splits"]
+    print(
+        f"prepared {args.out}: vocab {meta['vocab_size']}, "
+        f"train {splits['train']['tokens']:,} tokens ({splits['train']['docs']} docs), "
+        f"val {splits['val']['tokens']:,} tokens ({splits['val']['docs']} docs)"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------- train
+
+
+def _cmd_train(args) -> int:
+    from turbolm.config import load_config
+    from turbolm.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(
+        cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
+    result = trainer.run()
+    if result.interrupted_by:
+        return EXIT_SIGINT if result.interrupted_by == "SIGINT" else EXIT_SIGTERM
+    val = result.val
+    print(
+        f"step {result.step}: val loss {val['loss']:.4f} nats/token "
+        f"(unigram entropy of the val split: {result.unigram_entropy:.4f}), "
+        f"perplexity {val['perplexity']:.2f}, next-token accuracy {val['accuracy']:.3f}"
+    )
+    print(f"checkpoint: {result.checkpoint}")
+    if result.sample:
+        print("--- sample ---")
+        print(result.sample)
+        print("--------------")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ eval
+
+
+def _eval_tokens(args, trained):
+    """The tokens to evaluate on: --data (prepared folder or raw files) or the run's val split."""
+    import numpy as np
+
+    from turbolm.data import TokenData, collect_documents, is_prepared
+
+    if args.data is None:
+        data_dir = trained.config["run"]["data"]["dir"]
+        return TokenData(data_dir).val, f"{data_dir} (val split)"
+    if len(args.data) == 1 and is_prepared(args.data[0]):
+        return TokenData(args.data[0]).val, f"{args.data[0]} (val split)"
+    docs = collect_documents(args.data)
+    tok = trained.tokenizer
+    ids: list[int] = []
+    for encoded in tok.encode_batch([d.text for d in docs]):
+        ids.extend(encoded)
+        ids.append(tok.eot_id)
+    return np.asarray(ids, dtype=np.int64), f"{len(docs)} document(s) from {', '.join(args.data)}"
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from turbolm.eval.lm import evaluate_lm
+    from turbolm.train.loading import load_trained
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    trained = load_trained(args.checkpoint, device)
+    tokens, source = _eval_tokens(args, trained)
+    context = args.context or trained.config["model"]["context"]
+    if context > trained.config["model"]["context"]:
+        raise TurboLMError(
+            f"--context {context} is larger than the model's maximum context "
+            f"{trained.config['model']['context']}"
+        )
+    metrics = evaluate_lm(
+        trained.model,
+        tokens,
+        batch_size=args.batch_size,
+        context=context,
+        max_batches=args.max_batches,
+        device=device,
+    )
+    metrics.update(checkpoint=str(trained.path), step=trained.step, data=source)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(
+            f"{trained.path} on {source}: loss {metrics['loss']:.4f}, "
+            f"perplexity {metrics['perplexity']:.2f}, accuracy {metrics['accuracy']:.4f} "
+            f"({metrics['tokens']:,} tokens)"
+        )
+    return 0
+
+
+# -------------------------------------------------------------------------------- generate
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from turbolm.generate import generate_tokens
+    from turbolm.ops.registry import use_backend
+    from turbolm.train.loading import load_trained
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    trained = load_trained(args.checkpoint, device)
+    tok = trained.tokenizer
+    prompt_ids = tok.encode(args.prompt) or [tok.eot_id]
+    stream = tok.decode_stream()
+    out = sys.stdout
+    out.write(args.prompt)
+    with use_backend(args.backend):
+        for token_id in generate_tokens(
+            trained.model,
+            prompt_ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop_id=None if args.no_stop else tok.eot_id,
+        ):
+            out.write(stream.push(token_id))
+            out.flush()
+    out.write(stream.flush() + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- doctor
+
+
+def _cmd_doctor(args) -> int:
+    import platform
+
+    import torch
+
+    from turbolm.ops import registry
+
+    print(f"turbolm {__import__('turbolm').__version__}, Python {platform.python_version()}")
+    print(f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})")
+    else:
+        print("GPU: none")
+    import turbolm.ops  # noqa: F401  (registers every op)
+
+    for op in registry.ops():
+        states = []
+        for name, backend in registry.registered(op).items():
+            reason = backend.available()
+            states.append(name if reason is None else f"{name} (unavailable: {reason})")
+        print(f"  {op}: {', '.join(states)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="turbolm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version="turbolm 0.1.0")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into memory-mapped token shards")
+    p.add_argument("paths", nargs="*", help="files, folders or .jsonl (default: embedded corpus)")
+    p.add_argument("--out", default="data_cache/stdlib", help="output folder")
+    p.add_argument("--vocab-size", type=_positive_int, default=4096)
+    p.add_argument("--tokenizer", choices=["bpe", "bytes"], default="bpe")
+    p.add_argument("--include", action="append", help="glob filter for folders (repeatable)")
+    p.add_argument("--jsonl-field", default="text")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--max-docs", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model (no arguments: the default run)")
+    p.add_argument("--config", help="YAML run config")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=3e-4")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="loss, perplexity and accuracy of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    p.add_argument("--data", nargs="+", help="prepared folder, or text files/folders/.jsonl")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--context", type=_positive_int, default=None)
+    p.add_argument("--max-batches", type=_positive_int, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint (streams to stdout)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
+    p.add_argument("--backend", default="auto", help="op backend (see turbolm doctor)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("doctor", help="versions, GPU, and which backends are available")
+    p.set_defaults(func=_cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TurboLMError as e:
+        print(f"turbolm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"turbolm {args.command}: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

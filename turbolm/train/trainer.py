@@ -1,0 +1,432 @@
+"""The single-process trainer: data -> model -> AdamW loop with evaluation, early stopping,
+logging (JSONL + TensorBoard + progress bar), atomic checkpoints and exact resume.
+
+Exact resume: everything that decides the next step is checkpointed (model, optimizer,
+scheduler, loss scaler, RNG states, data position, early-stopping counters), so a run stopped
+after step N (even by SIGKILL) and resumed from its checkpoint at N gives the same losses as an
+uninterrupted run. SIGINT/SIGTERM finish the current step, save a checkpoint and stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from turbolm.config import RunConfig, config_to_dict, model_kwargs
+from turbolm.data import TokenData, TrainBatches, ensure_prepared, unigram_entropy
+from turbolm.errors import ConfigError, DataError
+from turbolm.eval.lm import evaluate_lm
+from turbolm.generate import generate_tokens
+from turbolm.models import build_model
+from turbolm.ops.registry import use_backend
+from turbolm.train.checkpoint import (
+    find_latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reports."""
+
+    out_dir: str
+    step: int
+    train_loss: float | None = None
+    val: dict[str, float] = field(default_factory=dict)
+    unigram_entropy: float | None = None
+    stopped_early: bool = False
+    interrupted_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
+    checkpoint: str | None = None
+    sample: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA GPU is available (use cpu or auto)")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """fp32 on CPU; bf16 on GPUs that support it, else fp16 (with loss scaling)."""
+    if device.type != "cuda":
+        if name in ("bf16", "fp16"):
+            raise ConfigError(f"train.precision={name} needs a CUDA GPU; on CPU use fp32 (or auto)")
+        return "fp32"
+    if name == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return name
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Create the run folder; returns the checkpoint to resume from (or None).
+
+    An existing non-empty folder is never silently reused: it needs ``resume`` (continue it)
+    or ``overwrite`` (delete it first).
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    exists = out_dir.exists() and any(out_dir.iterdir())
+    if exists and resume:
+        return find_latest_checkpoint(out_dir)  # None: nothing complete yet, start afresh
+    if exists and not overwrite:
+        raise ConfigError(
+            f"run folder {out_dir} already exists: pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    if exists:
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+class _StopSignals:
+    """Turn SIGINT/SIGTERM into a flag checked between steps (a second SIGINT aborts)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.received == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Runs one training job described by a validated ``RunConfig``."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.cfg = cfg
+        self.tc = cfg.train
+        self.resume = resume
+        self.overwrite = overwrite
+        self.progress = progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.out_dir = Path(self.tc.out_dir)
+
+    # ----------------------------------------------------------------------------- setup
+
+    def _setup_data(self) -> None:
+        d = self.cfg.data
+        ensure_prepared(
+            d.dir,
+            sources=d.sources or None,
+            vocab_size=d.vocab_size,
+            tokenizer=d.tokenizer,
+            val_fraction=d.val_fraction,
+            seed=self.tc.seed,
+            include=d.include or None,
+            jsonl_field=d.jsonl_field,
+            max_docs=d.max_docs,
+            progress=self.progress,
+        )
+        self.data = TokenData(d.dir)
+        context = self.cfg.model.context
+        for split in ("train", "val"):
+            n = getattr(self.data, split).size
+            if n < context + 1:
+                raise DataError(
+                    f"the {split} split of {d.dir} has {n} tokens, fewer than "
+                    f"model.context + 1 = {context + 1}: use a smaller context or more data"
+                )
+        self.batches = TrainBatches(self.data.train, self.tc.batch_size, context, seed=self.tc.seed)
+
+    def _setup_model(self) -> None:
+        self.model_kwargs = model_kwargs(self.cfg.model, self.data.vocab_size)
+        torch.manual_seed(self.tc.seed)
+        self.model = build_model(self.model_kwargs).to(self.device)
+        groups = self.model.configure_optimizer_groups(self.tc.weight_decay)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=self.tc.lr, betas=(self.tc.beta1, self.tc.beta2), fused=fused
+        )
+        tc = self.tc
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.forward_model = torch.compile(self.model) if tc.compile else self.model
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_checkpoint(checkpoint, map_location=self.device)
+        load_model_weights(self.model, state["model_state"])
+        ts = state["trainer_state"]
+        self.optimizer.load_state_dict(ts["optimizer"])
+        self.scheduler.load_state_dict(ts["scheduler"])
+        self.scaler.load_state_dict(ts["scaler"])
+        self.batches.load_state_dict(ts["data"])
+        set_rng_state(ts["rng"])
+        self.step = int(ts["step"])
+        self.best_val = ts.get("best_val_loss")
+        self.bad_evals = int(ts.get("bad_evals", 0))
+        self.tokens_seen = int(ts.get("tokens_seen", 0))
+        self.log(f"resumed from {checkpoint} (step {self.step})")
+
+    # ------------------------------------------------------------------------- the loop
+
+    def _train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+        total = 0.0
+        for _ in range(self.tc.grad_accum):
+            x, y = self.batches.next()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast:
+                _, loss = self.forward_model(x, y)
+            self.scaler.scale(loss / self.tc.grad_accum).backward()
+            total += loss.item()
+        self.scaler.unscale_(self.optimizer)
+        if self.tc.grad_clip > 0:
+            self.grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += self.tc.batch_size * self.tc.grad_accum * self.cfg.model.context
+        return total / self.tc.grad_accum
+
+    def _evaluate(self) -> dict[str, float]:
+        return evaluate_lm(
+            self.model,
+            self.data.val,
+            batch_size=self.tc.batch_size,
+            context=self.cfg.model.context,
+            max_batches=self.tc.eval_batches,
+            device=self.device,
+            autocast=self.autocast,
+        )
+
+    def _write_metrics(self, record: dict) -> None:
+        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def _checkpoint(self) -> Path:
+        trainer_state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "data": self.batches.state_dict(),
+            "rng": rng_state(),
+            "best_val_loss": self.best_val,
+            "bad_evals": self.bad_evals,
+            "tokens_seen": self.tokens_seen,
+        }
+        config = {"run": config_to_dict(self.cfg), "model": self.model_kwargs}
+        return save_checkpoint(
+            self.out_dir,
+            self.step,
+            self.model.state_dict(),
+            config,
+            trainer_state,
+            tokenizer_path=os.path.join(self.cfg.data.dir, "tokenizer.json"),
+            keep=self.tc.keep_checkpoints,
+        )
+
+    def _after_eval(self, metrics: dict[str, float]) -> bool:
+        """Track the best val loss; returns True when early stopping says stop."""
+        if self.best_val is None or metrics["loss"] < self.best_val:
+            self.best_val, self.bad_evals = metrics["loss"], 0
+            return False
+        self.bad_evals += 1
+        patience = self.tc.early_stop_patience
+        return patience > 0 and self.bad_evals >= patience
+
+    def sample(self, prompt: str = "def ", max_new_tokens: int | None = None) -> str:
+        n = self.tc.sample_tokens if max_new_tokens is None else max_new_tokens
+        if n <= 0:
+            return ""
+        tok = self.data.tokenizer
+        ids = tok.encode(prompt) or [tok.eot_id]
+        new = list(
+            generate_tokens(
+                self.model, ids, n, temperature=0.8, top_k=50, seed=self.tc.seed, stop_id=tok.eot_id
+            )
+        )
+        return prompt + tok.decode(new)
+
+    def run(self) -> TrainResult:
+        """Train to ``max_steps`` (or early stop / signal); returns the result."""
+        tc = self.tc
+        if tc.threads > 0:
+            torch.set_num_threads(tc.threads)
+        self.device = resolve_device(tc.device)
+        self.precision = resolve_precision(tc.precision, self.device)
+        self.autocast = autocast_for(self.precision, self.device)
+        resume_from = prepare_run_dir(self.out_dir, self.resume, self.overwrite)
+        backend_ctx = use_backend(tc.backend) if tc.backend != "auto" else contextlib.nullcontext()
+        with backend_ctx, _StopSignals() as signals:
+            self._setup_data()
+            self._setup_model()
+            self.step, self.best_val, self.bad_evals, self.tokens_seen = 0, None, 0, 0
+            self.grad_norm = float("nan")
+            if resume_from is not None:
+                self._restore(resume_from)
+            (self.out_dir / "config.json").write_text(
+                json.dumps({"run": config_to_dict(self.cfg), "model": self.model_kwargs}, indent=2)
+            )
+            return self._loop(signals)
+
+    def _open_tensorboard(self):
+        if not self.tc.tensorboard:
+            return None
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
+        return SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _loop(self, signals: _StopSignals) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        tc = self.tc
+        n_params = self.model.num_params()
+        self.log(
+            f"model: {self.cfg.model.arch}, {n_params / 1e6:.2f}M parameters, "
+            f"{self.model.flops_per_token() / 1e6:.1f} MFLOPs/token; device {self.device}, "
+            f"precision {self.precision}; train {self.data.train.size:,} tokens, "
+            f"val {self.data.val.size:,} tokens"
+        )
+        self.tb = self._open_tensorboard()
+        result = TrainResult(out_dir=str(self.out_dir), step=self.step)
+        bar = tqdm(
+            total=tc.max_steps,
+            initial=self.step,
+            disable=not self.progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        last_ckpt_step = self.step if self.resume else -1
+        t_last, tokens_last = time.perf_counter(), self.tokens_seen
+        try:
+            while self.step < tc.max_steps:
+                loss = self._train_step()
+                result.train_loss = loss
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {self.step}")
+                now = time.perf_counter()
+                tok_s = (self.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, self.tokens_seen
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    self._write_metrics(
+                        {
+                            "step": self.step,
+                            "loss": loss,
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "grad_norm": self.grad_norm,
+                            "tokens_per_s": tok_s,
+                        }
+                    )
+                stop = False
+                if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
+                    result.val = self._evaluate()
+                    self._write_metrics(
+                        {
+                            "step": self.step,
+                            "val_loss": result.val["loss"],
+                            "val_perplexity": result.val["perplexity"],
+                            "val_accuracy": result.val["accuracy"],
+                        }
+                    )
+                    bar.write(
+                        f"step {self.step}: train loss {loss:.4f}, val loss "
+                        f"{result.val['loss']:.4f}, ppl {result.val['perplexity']:.2f}, "
+                        f"acc {result.val['accuracy']:.3f}"
+                    )
+                    stop = self._after_eval(result.val)
+                    result.stopped_early = stop
+                if signals.received:
+                    result.interrupted_by = signals.received
+                    stop = True
+                if stop or self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
+                    result.checkpoint = str(self._checkpoint())
+                    last_ckpt_step = self.step
+                if stop:
+                    break
+            if last_ckpt_step != self.step:  # e.g. resumed at max_steps already
+                result.checkpoint = str(self._checkpoint())
+        finally:
+            bar.close()
+            if self.tb is not None:
+                self.tb.close()
+        result.step = self.step
+        if result.interrupted_by:
+            self.log(
+                f"{result.interrupted_by}: stopped at step {self.step}, checkpoint saved to "
+                f"{result.checkpoint}; continue with --resume"
+            )
+            return result
+        if result.stopped_early:
+            self.log(
+                f"early stop at step {self.step}: val loss did not improve for "
+                f"{tc.early_stop_patience} evaluations (best {self.best_val:.4f})"
+            )
+        if not result.val:
+            result.val = self._evaluate()
+        result.unigram_entropy = unigram_entropy(self.data.val, self.data.vocab_size)
+        result.sample = self.sample()
+        return result
+
+
+def train(cfg: RunConfig, **kwargs) -> TrainResult:
+    """Convenience wrapper: ``Trainer(cfg, **kwargs).run()``."""
+    return Trainer(cfg, **kwargs).run()
