@@ -57,8 +57,8 @@ def _cmd_prepare(args) -> int:
     splits = meta["splits"]
     print(
         f"prepared {args.out}: vocab {meta['vocab_size']}, "
-        f"train {splits['train']['tokens']:,} tokens ({splits['train']['docs']} docs), "
-        f"val {splits['val']['tokens']:,} tokens ({splits['val']['docs']} docs)"
+        f"train {splits['train']['tokens']:,} tokens ({splits['train']['documents']} docs), "
+        f"val {splits['val']['tokens']:,} tokens ({splits['val']['documents']} docs)"
     )
     return 0
 
@@ -204,7 +204,9 @@ def _cmd_doctor(args) -> int:
     except ImportError:
         print("triton: not installed")
     if torch.cuda.is_available():
-        print(f"GPU: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})")
+        print(
+            f"GPU: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})"
+        )
     else:
         print("GPU: none")
     import turbolm.ops  # noqa: F401  (registers every op)

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from turbolm.config import RunConfig, config_to_dict, model_kwargs
-from turbolm.data import TokenData, TrainBatches, ensure_prepared, unigram_entropy
+from turbolm.config import DataConfig, RunConfig, config_to_dict, model_kwargs
+from turbolm.data import TokenData, TrainBatches, ensure_prepared, is_prepared, unigram_entropy
+from turbolm.data.prepare import read_meta
 from turbolm.errors import ConfigError, DataError
 from turbolm.eval.lm import evaluate_lm
 from turbolm.generate import generate_tokens
@@ -113,6 +114,19 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None
     return None
 
 
+def _prepare_settings(d: DataConfig) -> dict:
+    """The ``prepare``/``ensure_prepared`` keyword arguments a data config asks for."""
+    return {
+        "sources": d.sources or None,
+        "include": d.include or None,
+        "jsonl_field": d.jsonl_field,
+        "vocab_size": d.vocab_size,
+        "tokenizer": d.tokenizer,
+        "val_fraction": d.val_fraction,
+        "max_docs": d.max_docs,
+    }
+
+
 class _StopSignals:
     """Turn SIGINT/SIGTERM into a flag checked between steps (a second SIGINT aborts)."""
 
@@ -159,19 +173,17 @@ class Trainer:
     # ----------------------------------------------------------------------------- setup
 
     def _setup_data(self) -> None:
+        """Use ``data.dir`` if it is prepared, else prepare it (default: embedded corpus).
+
+        A prepared folder is never re-prepared behind the user's back: if the config asks for
+        data settings that differ from the folder's, that is an error.
+        """
         d = self.cfg.data
-        ensure_prepared(
-            d.dir,
-            sources=d.sources or None,
-            vocab_size=d.vocab_size,
-            tokenizer=d.tokenizer,
-            val_fraction=d.val_fraction,
-            seed=self.tc.seed,
-            include=d.include or None,
-            jsonl_field=d.jsonl_field,
-            max_docs=d.max_docs,
-            progress=self.progress,
-        )
+        wanted = _prepare_settings(d)
+        if is_prepared(d.dir):
+            self._check_prepared_matches(d.dir, wanted)
+        else:
+            ensure_prepared(d.dir, progress=self.progress, **wanted)
         self.data = TokenData(d.dir)
         context = self.cfg.model.context
         for split in ("train", "val"):
@@ -182,6 +194,22 @@ class Trainer:
                     f"model.context + 1 = {context + 1}: use a smaller context or more data"
                 )
         self.batches = TrainBatches(self.data.train, self.tc.batch_size, context, seed=self.tc.seed)
+
+    @staticmethod
+    def _check_prepared_matches(data_dir: str, wanted: dict) -> None:
+        defaults = _prepare_settings(DataConfig())
+        changed = {k for k in wanted if wanted[k] != defaults[k]}
+        have = read_meta(data_dir).get("settings", {})
+        differ = [
+            f"data.{k}={wanted[k]!r} (folder: {have.get(k)!r})"
+            for k in sorted(changed)
+            if have.get(k) != wanted[k]
+        ]
+        if differ:
+            raise ConfigError(
+                f"data.dir {data_dir} was prepared with other settings: {', '.join(differ)}; "
+                "use another data.dir or re-run `turbolm prepare --overwrite`"
+            )
 
     def _setup_model(self) -> None:
         self.model_kwargs = model_kwargs(self.cfg.model, self.data.vocab_size)
@@ -321,7 +349,7 @@ class Trainer:
             self.grad_norm = float("nan")
             if resume_from is not None:
                 self._restore(resume_from)
-            (self.out_dir / "config.json").write_text(
+            (self.out_dir / "run_config.json").write_text(
                 json.dumps({"run": config_to_dict(self.cfg), "model": self.model_kwargs}, indent=2)
             )
             return self._loop(signals)
