@@ -10,5 +10,4 @@ packages = find_packages(include=["turbolm", "turbolm.*"]) + ["turbolm.kernels"]
 setup(
     packages=packages,
     package_dir={"turbolm.kernels": "kernels"},
-    package_data={"turbolm": ["configs/*.yaml"]},
 )
