@@ -1,5 +1,6 @@
 """Drop-in modules: same constructor arguments and state_dict keys as their torch.nn twins."""
 
 from turbolm.nn.norm import LayerNorm, RMSNorm
+from turbolm.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "LayerNorm", "RMSNorm", "RNN", "RNNCell"]
