@@ -1,6 +1,19 @@
 """Drop-in modules: same constructor arguments and state_dict keys as their torch.nn twins."""
 
+from turbolm.nn.attention import CausalSelfAttention, KVCache, RotaryEmbedding
 from turbolm.nn.norm import LayerNorm, RMSNorm
 from turbolm.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
-__all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "LayerNorm", "RMSNorm", "RNN", "RNNCell"]
+__all__ = [
+    "CausalSelfAttention",
+    "KVCache",
+    "RotaryEmbedding",
+    "GRU",
+    "GRUCell",
+    "LSTM",
+    "LSTMCell",
+    "LayerNorm",
+    "RMSNorm",
+    "RNN",
+    "RNNCell",
+]
