@@ -118,7 +118,7 @@ def test_early_stopping_with_patience(data_dir, tmp_path):
 
 def test_training_learns_and_reports(data_dir, tmp_path):
     cfg = _cfg(
-        data_dir, tmp_path / "run", "train.max_steps=60", "train.eval_every=30", "train.lr=3e-3"
+        data_dir, tmp_path / "run", "train.max_steps=60", "train.eval_every=30", "train.lr=1e-2"
     )
     result = Trainer(cfg, progress=False).run()
     assert result.step == 60 and not result.stopped_early
