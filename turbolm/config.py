@@ -69,8 +69,8 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int | None = None  # None = n_head (plain multi-head); fewer = grouped-query
-    d_model: int = 256
-    context: int = 256
+    d_model: int = 192
+    context: int = 128
     mlp: Literal["gelu", "swiglu"] = "gelu"
     mlp_ratio: float = 4.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -114,6 +114,9 @@ class TrainConfig:
     backend: str = "auto"  # turbolm op backend, as in TURBOLM_BACKEND
     compile: bool = False  # torch.compile the model
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); "" = no DeepSpeed. "auto"
+    # values in it are filled from this config (see turbolm/train/distributed.py)
+    deepspeed: str = ""
 
 
 @dataclass
