@@ -316,3 +316,15 @@ def test_bad_generation_arguments(capsys, trained_run):
         ["generate", "--checkpoint", str(trained_run), "--max-new-tokens", "0"],
         "max-new-tokens",
     )
+
+
+def test_doctor_lists_every_op_and_backend(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for op in ("layer_norm", "rms_norm", "attention", "lstm", "gru", "rnn"):
+        assert f"  {op}: " in out
+    assert "reference" in out and "torch" in out
+
+
+def test_unknown_benchmark(capsys):
+    _fails(capsys, ["bench", "nope"], "no benchmark named 'nope'")

@@ -1,4 +1,4 @@
-"""The ``turbolm`` command: prepare, train, eval, generate, doctor.
+"""The ``turbolm`` command: prepare, train, consolidate, eval, generate, doctor.
 
 Every expected failure (bad argument, config, data or checkpoint) prints one line
 ``turbolm <command>: error: ...`` and exits with status 2; no traceback.
@@ -77,6 +77,8 @@ def _cmd_train(args) -> int:
     result = trainer.run()
     if result.interrupted_by:
         return EXIT_SIGINT if result.interrupted_by == "SIGINT" else EXIT_SIGTERM
+    if result.rank != 0:  # data-parallel run: rank 0 reports for all
+        return 0
     val = result.val
     print(
         f"step {result.step}: val loss {val['loss']:.4f} nats/token "
@@ -88,6 +90,17 @@ def _cmd_train(args) -> int:
         print("--- sample ---")
         print(result.sample)
         print("--------------")
+    return 0
+
+
+# ----------------------------------------------------------------------------- consolidate
+
+
+def _cmd_consolidate(args) -> int:
+    from turbolm.train.distributed import consolidate
+
+    out = consolidate(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"consolidated {args.checkpoint} -> {out}")
     return 0
 
 
@@ -122,7 +135,11 @@ def _cmd_eval(args) -> int:
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
-    trained = load_trained(args.checkpoint, device)
+    from turbolm.finetune.commands import eval_classification, is_classification
+
+    if is_classification(args):  # a classification adapter or checkpoint: its own metrics
+        return eval_classification(args, device)
+    trained = load_trained(args.checkpoint, device, adapter=args.adapter)
     tokens, source = _eval_tokens(args, trained)
     context = args.context or trained.config["model"]["context"]
     if context > trained.config["model"]["context"]:
@@ -162,7 +179,7 @@ def _cmd_generate(args) -> int:
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
-    trained = load_trained(args.checkpoint, device)
+    trained = load_trained(args.checkpoint, device, adapter=args.adapter)
     tok = trained.tokenizer
     prompt_ids = tok.encode(args.prompt) or [tok.eot_id]
     stream = tok.decode_stream()
@@ -220,6 +237,33 @@ def _cmd_doctor(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- bench
+
+
+def _benchmarks_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _cmd_bench(args) -> int:
+    """Run ``benchmarks/bench_<op>.py`` with the remaining arguments (source checkouts)."""
+    import runpy
+
+    script = _benchmarks_dir() / f"bench_{args.op}.py"
+    if not script.is_file():
+        known = sorted(p.stem.removeprefix("bench_") for p in _benchmarks_dir().glob("bench_*.py"))
+        raise TurboLMError(
+            f"no benchmark named {args.op!r} in {_benchmarks_dir()} (known: {', '.join(known)})"
+        )
+    sys.argv = [str(script), *args.bench_args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
 # ---------------------------------------------------------------------------------- parser
 
 
@@ -248,7 +292,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=3e-4")
+    # The deepspeed launcher appends --local_rank=N unless given --no_local_rank; the rank
+    # is read from the environment (LOCAL_RANK) either way.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "consolidate",
+        help="DeepSpeed (ZeRO) checkpoint -> one model.safetensors that eval/generate load",
+    )
+    p.add_argument("--checkpoint", required=True, help="DeepSpeed step folder or run folder")
+    p.add_argument("--out", required=True, help="output folder (a turbolm checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_consolidate)
 
     p = sub.add_parser("eval", help="loss, perplexity and accuracy of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
@@ -258,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=_positive_int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--adapter", help="LoRA adapter folder to apply (from turbolm finetune)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint (streams to stdout)")
@@ -271,7 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
     p.add_argument("--backend", default="auto", help="op backend (see turbolm doctor)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--adapter", help="LoRA adapter folder to merge in (from turbolm finetune)")
     p.set_defaults(func=_cmd_generate)
+
+    from turbolm.finetune.commands import add_parsers as add_finetune_parsers
+
+    add_finetune_parsers(sub)  # finetune, merge
+
+    p = sub.add_parser("bench", help="run benchmarks/bench_<op>.py (e.g. norm, attention, rnn)")
+    p.add_argument("op", help="benchmark name: norm, attention, rnn, zero, finetune, ...")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the benchmark")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("doctor", help="versions, GPU, and which backends are available")
     p.set_defaults(func=_cmd_doctor)
@@ -285,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     overrides = [x for x in extra if "=" in x and not x.startswith("-")]
     unknown = [x for x in extra if x not in overrides]
-    if unknown or (overrides and args.command != "train"):
+    if unknown or (overrides and args.command not in ("train", "finetune")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     if overrides:
         args.overrides = [*args.overrides, *overrides]
