@@ -3,9 +3,10 @@
 Shapes: ``x`` is (..., *normalized_shape); ``weight``/``bias`` are ``normalized_shape``.
 Statistics are computed in fp32 (fp64 for fp64 inputs); the output has ``x``'s dtype.
 
-Kernel backends (added by the kernel issues) see ``x`` flattened to (rows, N) with a contiguous
-last dimension and register ``fwd(x2d, weight, bias, eps) -> (y2d, *saved)`` /
-``bwd(dy2d, *saved) -> (dx2d, dweight, dbias)`` (RMSNorm: no bias).
+Kernel backends (``triton``, ``cuda``, ``cpu``: registered in ``turbolm/ops/norm_kernels.py``)
+see ``x`` flattened to (rows, N) with a contiguous last dimension and register
+``fwd(x2d, weight, bias, eps=) -> (y2d, *saved)`` / ``bwd(dy2d, *saved, eps=) -> (dx2d, dweight,
+dbias)`` (RMSNorm: no bias).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from turbolm.errors import InputError
+from turbolm.errors import InputError, ShapeError
 from turbolm.ops import registry
 from turbolm.ops.checks import check_float, check_same_device, check_same_dtype, check_shape
 from turbolm.ops.function import run_backend
@@ -87,20 +88,47 @@ def _check_norm_inputs(x, normalized_shape, weight, bias, eps):
     return normalized_shape
 
 
-def _run_norm(op, x, normalized_shape, weight, bias, eps, backend):
-    chosen = registry.select(op, x.device.type, backend, x=x, weight=weight, bias=bias)
+def _check_residual(x, residual):
+    if residual is None:
+        return
+    check_float("residual", residual)
+    check_same_device(x=x, residual=residual)
+    check_same_dtype(x=x, residual=residual)
+    if residual.shape != x.shape:
+        raise ShapeError(
+            f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+        )
+
+
+def _run_norm(op, x, normalized_shape, weight, bias, eps, backend, residual=None):
+    # `auto` tells the kernel backends' supports() whether they were asked for by name (they
+    # may then build the C++ extension) or are being tried by `auto` (see norm_kernels.py).
+    auto = registry.requested_backend(op, backend)[0] == "auto"
+    chosen = registry.select(op, x.device.type, backend, x=x, weight=weight, bias=bias, auto=auto)
     extra = (bias,) if op == "layer_norm" else ()
+    # residual: y = norm(x + residual), returned with the sum. Fused into the kernel where the
+    # backend can (triton); otherwise one add first.
+    fused = residual is not None and chosen.name in norm_kernels.FUSED_RESIDUAL
+    if residual is not None and not fused:
+        x = x + residual
     if chosen.is_autograd_native:
-        return chosen.fn(x, normalized_shape, weight, *extra, eps)
+        y = chosen.fn(x, normalized_shape, weight, *extra, eps)
+        return y if residual is None else (y, x)
     # Kernel backends work on (rows, N) with a contiguous last dim and one dtype.
     check_same_dtype(x=x, weight=weight, bias=bias)
     n = math.prod(normalized_shape)
     x2d = x.reshape(-1, n).contiguous()
     flat = [None if t is None else t.reshape(n) for t in (weight, *extra)]
+    if fused:
+        flat.append(residual.reshape(-1, n).contiguous())
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    y2d = run_backend(chosen, (x2d, *flat), {"eps": float(eps)})
-    return y2d.view(x.shape)
+    out = run_backend(chosen, (x2d, *flat), {"eps": float(eps)})
+    if fused:
+        y2d, s2d = out
+        return y2d.view(x.shape), s2d.view(x.shape)
+    y = out.view(x.shape)
+    return y if residual is None else (y, x)
 
 
 def layer_norm(
@@ -110,13 +138,19 @@ def layer_norm(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     *,
+    residual: torch.Tensor | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
-    """LayerNorm of ``x`` (..., *normalized_shape) -> same shape and dtype as ``x``."""
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm of ``x`` (..., *normalized_shape) -> same shape and dtype as ``x``.
+
+    With ``residual`` (x's shape and dtype): returns ``(layer_norm(x + residual), x + residual)``
+    (the pre-norm residual stream update; fused into one kernel by the triton backend).
+    """
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     normalized_shape = _check_norm_inputs(x, normalized_shape, weight, bias, eps)
-    return _run_norm("layer_norm", x, normalized_shape, weight, bias, eps, backend)
+    _check_residual(x, residual)
+    return _run_norm("layer_norm", x, normalized_shape, weight, bias, eps, backend, residual)
 
 
 def rms_norm(
@@ -125,13 +159,20 @@ def rms_norm(
     weight: torch.Tensor | None = None,
     eps: float | None = None,
     *,
+    residual: torch.Tensor | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of ``x`` (..., *normalized_shape) -> same shape and dtype as ``x``.
 
-    ``eps=None`` means ``torch.finfo(x.dtype).eps``, as ``torch.nn.RMSNorm``.
+    ``eps=None`` means ``torch.finfo(x.dtype).eps``, as ``torch.nn.RMSNorm``. With
+    ``residual``: returns ``(rms_norm(x + residual), x + residual)`` (see :func:`layer_norm`).
     """
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     normalized_shape = _check_norm_inputs(x, normalized_shape, weight, None, eps)
-    return _run_norm("rms_norm", x, normalized_shape, weight, None, eps, backend)
+    _check_residual(x, residual)
+    return _run_norm("rms_norm", x, normalized_shape, weight, None, eps, backend, residual)
+
+
+# Kernel backends (triton / cuda / cpu); registering builds and imports nothing.
+from turbolm.ops import norm_kernels  # noqa: E402

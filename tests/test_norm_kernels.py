@@ -1,0 +1,542 @@
+"""LayerNorm / RMSNorm kernel backends (``cpu``, ``triton``, ``cuda``) against the reference.
+
+On a machine without a GPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1,
+set below before any kernel module is imported) on CPU tensors with small shapes; the large
+sweeps are marked ``slow``. ``gpu`` tests run the ``cuda`` and ``triton`` backends on CUDA
+tensors. Every output is poisoned with NaN before the kernels run (TURBOLM_POISON_OUTPUTS=1),
+so an element a kernel forgets to write fails the finiteness check.
+
+The ``cpu`` tests build the C++ extension on first use (about a minute; cached afterwards).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # Triton on CPU tensors: the interpreter (before importing it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.harness import OpCase, check_backend  # noqa: E402
+from turbolm import ext  # noqa: E402
+from turbolm.errors import BackendError, DeviceError, DTypeError, ShapeError  # noqa: E402
+from turbolm.ops import (  # noqa: E402
+    layer_norm,
+    norm_kernels,  # noqa: E402
+    registry,
+    rms_norm,
+    use_backend,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+OPS = ["layer_norm", "rms_norm"]
+
+# N in {1, 7, 64, 769, 1023, 4096, 8193, 65536}, rows 1 and odd counts.
+CPU_SHAPES = [(1, 1), (3, 7), (37, 64), (1, 769), (5, 1023), (7, 4096), (3, 8193), (2, 65536)]
+TRITON_SHAPES = [(1, 1), (3, 7), (9, 64), (1, 769), (3, 1023), (2, 4096)]
+TRITON_SLOW_SHAPES = [(5, 8193), (2, 65536), (33, 769)]
+GPU_SHAPES = [
+    (1, 1),
+    (3, 7),
+    (37, 64),
+    (1, 769),
+    (5, 1023),
+    (7, 4096),
+    (3, 8193),
+    (2, 65536),
+    (4099, 768),
+]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setenv("TURBOLM_POISON_OUTPUTS", "1")
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The C++ extension (built on first use); skips the cpu tests if it cannot be built
+    (test_extension_builds then fails with the reason)."""
+    if ext.load_extension() is None:
+        pytest.skip(f"C++ extension unavailable: {ext.extension_status(build=False)[1]}")
+    return ext.load_extension()
+
+
+def norm_case(
+    op,
+    rows,
+    n,
+    *,
+    weight=True,
+    bias=True,
+    scale=1.0,
+    zero_var=False,
+    non_contiguous=False,
+    batch=None,
+    eps=None,
+):
+    """OpCase for ``op`` on x (rows, n) (or batch + (n,)); inputs as fp64 masters."""
+    shape = (*batch, n) if batch else (rows, n)
+
+    def make(gen):
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + 0.25 * scale
+        if zero_var:
+            x.view(-1, n)[0] = 3.0 * scale  # a constant row: variance 0
+        inputs = {"x": x}
+        if weight:
+            inputs["weight"] = 1 + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+        if bias and op == "layer_norm":
+            inputs["bias"] = torch.randn(n, generator=gen, dtype=torch.float64)
+        return inputs
+
+    def prepare(x):
+        # A non-contiguous view with the same values: (n, rows) storage, transposed.
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2) if non_contiguous else x
+
+    if op == "layer_norm":
+        e = 1e-5 if eps is None else eps
+
+        def call(backend, x, weight=None, bias=None):
+            return layer_norm(prepare(x), n, weight, bias, e, backend=backend)
+
+    else:
+
+        def call(backend, x, weight=None):
+            return rms_norm(prepare(x), n, weight, eps, backend=backend)
+
+    grads = (
+        ["x"] + (["weight"] if weight else []) + (["bias"] if bias and op == "layer_norm" else [])
+    )
+    return OpCase(f"{op}[{shape}]", call, make, grad=tuple(grads))
+
+
+VARIANTS = {
+    "no_affine": {"weight": False, "bias": False},
+    "weight_only": {"bias": False},
+    "scaled_1e4": {"scale": 1e4},
+    "zero_variance": {"zero_var": True},
+    "non_contiguous": {"non_contiguous": True},
+    "batched_3d": {"batch": (3, 5)},
+}
+
+
+# ---- the extension --------------------------------------------------------------------------
+
+
+def test_extension_builds():
+    ok, reason = ext.extension_status()
+    assert ok, reason
+    info = ext.build_info()
+    assert info["cpu"] and info["openmp"]
+    assert "norm" in info["op_families"].split(",")
+    for name in ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd"):
+        assert hasattr(torch.ops.turbolm, name)
+
+
+# ---- cpu backend ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,n", CPU_SHAPES)
+def test_cpu_matches_reference(built, op, dtype, rows, n):
+    check_backend(norm_case(op, rows, n), "cpu", dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cpu_edge_cases(built, op, dtype, variant):
+    check_backend(norm_case(op, 5, 129, **VARIANTS[variant]), "cpu", dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_float64_matches_reference(built, op):
+    check_backend(norm_case(op, 7, 257), "cpu", torch.float64)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_gradcheck_float64(built, op):
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    if op == "layer_norm":
+        fn, args = (lambda x, w, b: layer_norm(x, 7, w, b, backend="cpu")), (x, w, b)
+    else:
+        fn, args = (lambda x, w: rms_norm(x, 7, w, 1e-6, backend="cpu")), (x, w)
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradcheck(lambda x: fn(x, *args[1:]), (x,))
+
+
+def test_cpu_weight_grads_are_deterministic(built):
+    """dweight / dbias use fixed row chunks: bitwise equal for any thread count."""
+    x = torch.randn(203, 515, requires_grad=True)
+    w = torch.randn(515, requires_grad=True)
+    b = torch.randn(515, requires_grad=True)
+    g = torch.randn(203, 515)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 1):
+            torch.set_num_threads(t)
+            results.append(
+                torch.autograd.grad(layer_norm(x, 515, w, b, backend="cpu"), (x, w, b), g)
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)
+
+
+OPCHECK_CASES = {
+    "layer_norm_fwd": lambda x, w, b, dy: [(x, w, b, 1e-5), (x, None, None, 1e-5)],
+    "rms_norm_fwd": lambda x, w, b, dy: [(x, w, 1e-6), (x, None, 1e-6)],
+    "layer_norm_bwd": lambda x, w, b, dy: [
+        (dy, x, w, *torch.ops.turbolm.layer_norm_fwd(x, w, b, 1e-5)[1:], True),
+        (dy, x, None, *torch.ops.turbolm.layer_norm_fwd(x, None, None, 1e-5)[1:], False),
+    ],
+    "rms_norm_bwd": lambda x, w, b, dy: [
+        (dy, x, w, torch.ops.turbolm.rms_norm_fwd(x, w, 1e-6)[1]),
+        (dy, x, None, torch.ops.turbolm.rms_norm_fwd(x, None, 1e-6)[1]),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(OPCHECK_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(built, name, dtype):
+    x, dy = torch.randn(5, 33, dtype=dtype), torch.randn(5, 33, dtype=dtype)
+    w, b = torch.randn(33, dtype=dtype), torch.randn(33, dtype=dtype)
+    for args in OPCHECK_CASES[name](x, w, b, dy):
+        torch.library.opcheck(getattr(torch.ops.turbolm, name), args)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from turbolm.nn import LayerNorm, RMSNorm
+
+        self.fc1, self.ln = torch.nn.Linear(16, 32), LayerNorm(32)
+        self.fc2, self.rms = torch.nn.Linear(32, 8), RMSNorm(8)
+
+    def forward(self, x):
+        return self.rms(self.fc2(torch.relu(self.ln(self.fc1(x)))))
+
+
+@pytest.mark.parametrize(
+    "compile_backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+)
+def test_torch_compile_fullgraph(built, compile_backend):
+    torch._dynamo.reset()
+    model = _Block()
+    x = torch.randn(4, 5, 16)
+    with use_backend("cpu"):
+        expected = model(x)
+        expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
+        compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
+        out = compiled(x)
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+# ---- typed errors ---------------------------------------------------------------------------
+
+
+def test_errors_from_the_op_layer(built):
+    x = torch.randn(4, 8)
+    with pytest.raises(DTypeError, match="x must have dtype"):
+        layer_norm(x.long(), 8, backend="cpu")
+    with pytest.raises(ShapeError, match=r"weight must have shape \(8,\), got \(7,\)"):
+        layer_norm(x, 8, torch.randn(7), backend="cpu")
+    with pytest.raises(DeviceError, match="same device"):
+        rms_norm(x, 8, torch.randn(8, device="meta"), backend="cpu")
+    with pytest.raises(BackendError, match="bias dtype float64 differs from x dtype float32"):
+        layer_norm(x, 8, torch.randn(8), torch.randn(8, dtype=torch.float64), backend="cpu")
+
+
+def test_errors_from_the_cpp_ops_are_typed(built):
+    ops = torch.ops.turbolm
+    x = torch.randn(4, 8)
+    with pytest.raises(
+        DTypeError, match=r"^turbolm::layer_norm_fwd: x must have dtype .*got int64$"
+    ):
+        ext.call(ops.layer_norm_fwd, x.long(), None, None, 1e-5)
+    with pytest.raises(ShapeError, match=r"weight must have shape \(8,\), got \(9,\)$"):
+        ext.call(ops.layer_norm_fwd, x, torch.randn(9), None, 1e-5)
+    with pytest.raises(ShapeError, match="x must have 2 dimensions"):
+        ext.call(ops.rms_norm_fwd, x[None], None, 1e-5)
+    with pytest.raises(DTypeError, match="weight must have the dtype of x"):
+        ext.call(ops.rms_norm_fwd, x, torch.randn(8, dtype=torch.float16), 1e-5)
+    _, mean, rstd = ops.layer_norm_fwd(x, None, None, 1e-5)
+    with pytest.raises(DTypeError, match="mean must have dtype float32, got float64"):
+        ext.call(ops.layer_norm_bwd, x, x, None, mean.double(), rstd, False)
+    with pytest.raises(ShapeError, match=r"dy must have shape \(4, 8\), got \(4, 9\)"):
+        ext.call(ops.rms_norm_bwd, torch.randn(4, 9), x, None, rstd)
+
+
+def test_named_backend_never_falls_back(built):
+    x = torch.randn(4, 8)
+    with pytest.raises(BackendError, match="no CUDA device|needs CUDA tensors"):
+        layer_norm(x, 8, backend="cuda")
+    if not INTERPRET and not HAS_CUDA:
+        with pytest.raises(BackendError, match="TRITON_INTERPRET"):
+            layer_norm(x, 8, backend="triton")
+    with pytest.raises(BackendError, match="differs from x dtype"):
+        layer_norm(x.half(), 8, torch.randn(8), backend="cpu")
+    with pytest.raises(BackendError, match="float64 is not supported"):
+        rms_norm(x.double(), 8, backend="triton")
+
+
+def test_auto_uses_cpu_only_when_built(built, monkeypatch):
+    x = torch.randn(4, 8)
+    assert registry.select("layer_norm", "cpu", None, x=x, auto=True).name == "cpu"
+    # Not built: auto takes torch (no compiler started); naming cpu would build it.
+    monkeypatch.setattr(ext, "_module", None)
+    monkeypatch.setattr(ext, "_built_cache", False)
+    monkeypatch.delenv("TURBOLM_BUILD_EXT", raising=False)
+    reason = norm_kernels._cpu_supports(x, auto=True)
+    assert reason is not None and "auto does not compile" in reason
+    assert registry.select("layer_norm", "cpu", None, x=x, auto=True).name == "torch"
+
+
+# ---- triton backend (interpreter on CPU tensors without a GPU) ------------------------------
+
+triton_device = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,n", TRITON_SHAPES)
+def test_triton_matches_reference(op, dtype, rows, n):
+    check_backend(norm_case(op, rows, n), "triton", dtype, device=triton_device)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_triton_edge_cases(op, variant):
+    check_backend(
+        norm_case(op, 5, 129, **VARIANTS[variant]), "triton", torch.float32, device=triton_device
+    )
+
+
+@pytest.fixture
+def small_loop_blocks(monkeypatch):
+    """Make the Triton launchers take their long-row (looped) paths at small N."""
+    from turbolm.kernels import norm as kn
+
+    monkeypatch.setattr(kn, "MAX_FUSED_N", 256)
+    monkeypatch.setattr(kn, "LOOP_BLOCK_N", 128)
+    monkeypatch.setattr(kn, "DW_BLOCK_N", 64)
+    monkeypatch.setattr(kn, "DW_BLOCK_R", 4)
+    monkeypatch.setattr(kn, "DW_ROWS_PER_SPLIT", 8)
+    return kn
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,n", [(1, 257), (9, 769)])
+def test_triton_long_row_path(small_loop_blocks, op, dtype, rows, n):
+    check_backend(norm_case(op, rows, n), "triton", dtype, device=triton_device)
+    check_backend(
+        norm_case(op, rows, n, weight=False, bias=False), "triton", dtype, device=triton_device
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,n", TRITON_SLOW_SHAPES)
+def test_triton_large_shapes(op, dtype, rows, n):
+    check_backend(norm_case(op, rows, n), "triton", dtype, device=triton_device)
+
+
+def test_triton_weight_grads_are_deterministic():
+    x = torch.randn(45, 96, device=triton_device, requires_grad=True)
+    w = torch.randn(96, device=triton_device, requires_grad=True)
+    g = torch.randn(45, 96, device=triton_device)
+    first = torch.autograd.grad(rms_norm(x, 96, w, backend="triton"), (x, w), g)
+    second = torch.autograd.grad(rms_norm(x, 96, w, backend="triton"), (x, w), g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_triton_poison_helper_fills_nan():
+    from turbolm.kernels import norm as kn
+
+    assert torch.isnan(kn._new((3, 5), torch.empty(1))).all()
+
+
+def test_triton_strided_rows():
+    """The launchers accept a row stride other than N (last dim contiguous)."""
+    from turbolm.kernels import norm as kn
+
+    big = torch.randn(6, 40, device=triton_device)
+    x = big[:, :33]  # (6, 33), row stride 40
+    w, b = torch.randn(33, device=triton_device), torch.randn(33, device=triton_device)
+    y, mean, rstd = kn.layer_norm_fwd(x, w, b, 1e-5)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (33,), w, b, 1e-5))
+
+
+# ---- fused residual add: y = norm(x + residual), returned with the sum -----------------------
+
+
+def residual_case(op, rows, n):
+    def make(gen):
+        inputs = {
+            "x": torch.randn(rows, n, generator=gen, dtype=torch.float64),
+            "residual": 3 * torch.randn(rows, n, generator=gen, dtype=torch.float64),
+            "weight": 1 + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64),
+        }
+        if op == "layer_norm":
+            inputs["bias"] = torch.randn(n, generator=gen, dtype=torch.float64)
+        return inputs
+
+    if op == "layer_norm":
+
+        def call(backend, x, residual, weight, bias):
+            return layer_norm(x, n, weight, bias, residual=residual, backend=backend)
+
+        grads = ("x", "residual", "weight", "bias")
+    else:
+
+        def call(backend, x, residual, weight):
+            return rms_norm(x, n, weight, 1e-6, residual=residual, backend=backend)
+
+        grads = ("x", "residual", "weight")
+    return OpCase(f"{op}+residual[{rows}x{n}]", call, make, grad=grads)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,n", [(1, 7), (9, 96), (3, 769)])
+def test_triton_fused_residual(op, dtype, rows, n):
+    check_backend(residual_case(op, rows, n), "triton", dtype, device=triton_device)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_triton_fused_residual_long_rows(small_loop_blocks, op):
+    check_backend(residual_case(op, 5, 300), "triton", torch.float32, device=triton_device)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_residual(built, op):
+    check_backend(residual_case(op, 5, 65), "cpu", torch.bfloat16)
+
+
+def test_residual_is_checked():
+    x = torch.randn(4, 8)
+    with pytest.raises(ShapeError, match=r"residual must have x's shape \(4, 8\), got \(4, 7\)"):
+        layer_norm(x, 8, residual=torch.randn(4, 7))
+    with pytest.raises(DTypeError, match="residual=float16"):
+        rms_norm(x, 8, residual=torch.randn(4, 8).half())
+
+
+# ---- GPU: cuda and triton backends on CUDA tensors -------------------------------------------
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,n", GPU_SHAPES)
+def test_gpu_matches_reference(backend, op, dtype, rows, n):
+    check_backend(norm_case(op, rows, n), backend, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gpu_edge_cases(backend, op, variant):
+    for dtype in DTYPES:
+        check_backend(norm_case(op, 5, 1029, **VARIANTS[variant]), backend, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("rows,n", [(3, 7), (37, 1024), (5, 32771)])
+def test_gpu_residual(backend, op, rows, n):
+    check_backend(residual_case(op, rows, n), backend, torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_float64_and_unaligned():
+    check_backend(norm_case("layer_norm", 9, 4097), "cuda", torch.float64, device="cuda")
+    # An odd offset breaks 16-byte alignment: the scalar path.
+    base = torch.randn(3 * 1024 + 1, device="cuda", dtype=torch.float16)
+    x = base[1:].view(3, 1024)
+    y = layer_norm(x, 1024, backend="cuda")
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (1024,)), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_errors_are_typed():
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(DeviceError, match="weight must be on x's device"):
+        ext.call(ext.ops().layer_norm_fwd, x, torch.randn(8), None, 1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_weight_grads_are_deterministic(backend):
+    x = torch.randn(4099, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+    first = torch.autograd.grad(layer_norm(x, 768, w, b, backend=backend), (x, w, b), g)
+    second = torch.autograd.grad(layer_norm(x, 768, w, b, backend=backend), (x, w, b), g)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+# ---- convergence: a small Transformer trained with the cpu kernels vs the reference ------------
+
+
+def _train_losses(norm_backend: str, norm: str, steps: int = 50) -> list[float]:
+    from turbolm.models.transformer import TransformerConfig, TransformerLM
+
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        vocab_size=96, context=32, n_layer=2, n_head=4, d_model=64, norm=norm, bias=True
+    )
+    model = TransformerLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randint(0, 96, (8, 33), generator=gen)
+    losses = []
+    with use_backend({"layer_norm": norm_backend, "rms_norm": norm_backend}):
+        for _ in range(steps):
+            _, loss = model(data[:, :-1], data[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_convergence_cpu_kernels_match_reference(built, norm):
+    try:
+        import turbolm.models.transformer  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"TransformerLM not available yet: {exc}")
+    ref = _train_losses("reference", norm)
+    got = _train_losses("cpu", norm)
+    assert ref[-1] < ref[0] - 0.5, "the reference run did not learn"
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert abs(a - b) <= 1e-4, f"step {step}: cpu loss {a:.6f} vs reference {b:.6f}"

@@ -1,0 +1,236 @@
+"""Kernel backends of ``layer_norm`` / ``rms_norm``: ``triton``, ``cuda`` and ``cpu``.
+
+Each registers ``fwd(x2d, weight[, bias], eps=) -> (y2d, *saved)`` and
+``bwd(dy2d, *saved, eps=) -> (dx2d, dweight[, dbias])`` for the op's KernelFunction
+(``turbolm/ops/function.py``); ``x2d`` is (rows, N) with a contiguous last dimension.
+
+* ``triton`` (``kernels/norm.py``): CUDA tensors; CPU tensors only under
+  ``TRITON_INTERPRET=1`` (tests). float16 / bfloat16 / float32.
+* ``cuda`` / ``cpu`` (``csrc/norm``, ``torch.ops.turbolm.*``): every float dtype.
+
+``residual=`` (y = norm(x + residual), returned with the sum) is fused into the Triton
+kernels (the fwd takes the residual as one more input); for the other backends the op adds
+first (``FUSED_RESIDUAL``).
+
+Nothing is built or imported at registration: the Triton module is imported on first use and
+the C++ extension builds on first use (``turbolm/ext.py``).
+
+When ``auto`` picks the backend (no ``backend=``, ``use_backend`` or ``TURBOLM_BACKEND``):
+
+* ``cuda`` may build the extension on its first call (one line on stderr, about a minute);
+  if that fails, ``auto`` moves on to ``triton`` / ``torch`` and the reason is kept.
+* ``cpu`` is used only when the extension is already built (ahead of time, or an earlier
+  just-in-time build from the same sources) or ``TURBOLM_BUILD_EXT=1`` is set: ``auto``
+  never starts a compiler on its own on a CPU machine, so the default training path works
+  without one (it uses ``torch``). ``backend="cpu"`` builds on first use.
+
+A backend named explicitly never falls back: ``supports`` returns the reason (dtype, device,
+"extension not built: <why>"), and the registry raises BackendError with it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+
+from turbolm.ops import registry
+
+# Backends whose kernels fuse `residual=` (y = norm(x + residual)); the others add first.
+FUSED_RESIDUAL = frozenset({"triton"})
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_EXT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _mixed_dtypes(x, weight, bias) -> str | None:
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            return (
+                f"{name} dtype {_dtype_name(t.dtype)} differs from x dtype "
+                f"{_dtype_name(x.dtype)} (kernel backends need one dtype)"
+            )
+    return None
+
+
+def _dtype_reason(x, allowed) -> str | None:
+    if x.dtype not in allowed:
+        names = ", ".join(_dtype_name(d) for d in allowed)
+        return f"dtype {_dtype_name(x.dtype)} is not supported (supported: {names})"
+    return None
+
+
+# ---- triton -------------------------------------------------------------------------------
+
+
+def _kn():
+    from turbolm.kernels import norm as kn  # imported on first use (after TRITON_INTERPRET)
+
+    return kn
+
+
+def triton_interpreting() -> bool:
+    """Whether the Triton kernels run under the interpreter (fixed when they are imported)."""
+    module = sys.modules.get("turbolm.kernels.norm")
+    if module is not None:
+        return bool(module.INTERPRET)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_available() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+def _triton_supports(x, weight=None, bias=None, **_) -> str | None:
+    reason = _dtype_reason(x, _TRITON_DTYPES) or _mixed_dtypes(x, weight, bias)
+    if reason:
+        return reason
+    if x.device.type == "cuda":
+        return None
+    if x.device.type == "cpu":
+        return None if triton_interpreting() else "CPU tensors need TRITON_INTERPRET=1"
+    return f"device {x.device.type} is not supported (CUDA tensors)"
+
+
+# With a fused residual (one more input), the outputs are (y, s = x + residual), s is saved as
+# the normalized input, and the backward gets (dy, ds): dx = dnorm + ds serves x and residual.
+
+
+def _triton_ln_fwd(x, weight, bias, residual=None, *, eps):
+    if residual is None:
+        y, mean, rstd = _kn().layer_norm_fwd(x, weight, bias, eps)
+        return y, x, weight, bias, mean, rstd
+    y, mean, rstd, s = _kn().layer_norm_fwd(x, weight, bias, eps, residual)
+    return (y, s), s, weight, bias, mean, rstd
+
+
+def _triton_ln_bwd(grad_out, x, weight, bias, mean, rstd, *, eps):
+    if isinstance(grad_out, tuple):
+        dy, ds = grad_out
+        dx, dw, db = _kn().layer_norm_bwd(dy, x, weight, mean, rstd, bias is not None, dsum=ds)
+        return dx, dw, db, dx
+    return _kn().layer_norm_bwd(grad_out, x, weight, mean, rstd, bias is not None)
+
+
+def _triton_rms_fwd(x, weight, residual=None, *, eps):
+    if residual is None:
+        y, rstd = _kn().rms_norm_fwd(x, weight, eps)
+        return y, x, weight, rstd
+    y, rstd, s = _kn().rms_norm_fwd(x, weight, eps, residual)
+    return (y, s), s, weight, rstd
+
+
+def _triton_rms_bwd(grad_out, x, weight, rstd, *, eps):
+    if isinstance(grad_out, tuple):
+        dy, ds = grad_out
+        dx, dw = _kn().rms_norm_bwd(dy, x, weight, rstd, dsum=ds)
+        return dx, dw, dx
+    return _kn().rms_norm_bwd(grad_out, x, weight, rstd)
+
+
+# ---- C++ / CUDA extension --------------------------------------------------------------------
+
+
+def _ext():
+    from turbolm import ext  # imported on first use: `python -m turbolm.ext` stays clean
+
+    return ext
+
+
+def _ext_reason(auto: bool, compile_ok: bool) -> str | None:
+    """None when the extension is loaded (loading / building it now if allowed)."""
+    ext = _ext()
+    if auto and not compile_ok and not ext.is_built():
+        return (
+            "extension not built yet (auto does not compile it on CPU; use backend='cpu', "
+            "set TURBOLM_BUILD_EXT=1, or run `python -m turbolm.ext`)"
+        )
+    if ext.load_extension() is None:
+        return f"extension not built: {ext.extension_status(build=False)[1]}"
+    return None
+
+
+def _cpu_supports(x, weight=None, bias=None, auto=False, **_) -> str | None:
+    if x.device.type != "cpu":
+        return f"needs CPU tensors, got {x.device.type}"
+    reason = _dtype_reason(x, _EXT_DTYPES) or _mixed_dtypes(x, weight, bias)
+    if reason:
+        return reason
+    return _ext_reason(auto, compile_ok=os.environ.get("TURBOLM_BUILD_EXT") == "1")
+
+
+def _cuda_available() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def _cuda_supports(x, weight=None, bias=None, auto=False, **_) -> str | None:
+    if x.device.type != "cuda":
+        return f"needs CUDA tensors, got {x.device.type}"
+    reason = _dtype_reason(x, _EXT_DTYPES) or _mixed_dtypes(x, weight, bias)
+    if reason:
+        return reason
+    reason = _ext_reason(auto, compile_ok=True)
+    if reason:
+        return reason
+    ext = _ext()
+    if not ext.has_cuda_kernels():
+        return f"extension was built without CUDA ({ext.cuda_choice()[1]})"
+    return None
+
+
+def _ext_ln_fwd(x, weight, bias, *, eps):
+    ext = _ext()
+    y, mean, rstd = ext.call(ext.ops().layer_norm_fwd, x, weight, bias, eps)
+    return y, x, weight, bias, mean, rstd
+
+
+def _ext_ln_bwd(dy, x, weight, bias, mean, rstd, *, eps):
+    ext = _ext()
+    dx, dw, db = ext.call(ext.ops().layer_norm_bwd, dy, x, weight, mean, rstd, bias is not None)
+    return dx, dw if weight is not None else None, db if bias is not None else None
+
+
+def _ext_rms_fwd(x, weight, *, eps):
+    ext = _ext()
+    y, rstd = ext.call(ext.ops().rms_norm_fwd, x, weight, eps)
+    return y, x, weight, rstd
+
+
+def _ext_rms_bwd(dy, x, weight, rstd, *, eps):
+    ext = _ext()
+    dx, dw = ext.call(ext.ops().rms_norm_bwd, dy, x, weight, rstd)
+    return dx, dw if weight is not None else None
+
+
+# ---- registration -----------------------------------------------------------------------------
+
+
+def register() -> None:
+    for name, supports, available, fns in (
+        ("triton", _triton_supports, _triton_available, "triton"),
+        ("cuda", _cuda_supports, _cuda_available, "ext"),
+        ("cpu", _cpu_supports, None, "ext"),
+    ):
+        ln = (_triton_ln_fwd, _triton_ln_bwd) if fns == "triton" else (_ext_ln_fwd, _ext_ln_bwd)
+        rms = (
+            (_triton_rms_fwd, _triton_rms_bwd) if fns == "triton" else (_ext_rms_fwd, _ext_rms_bwd)
+        )
+        registry.register(
+            "layer_norm", name, fwd=ln[0], bwd=ln[1], supports=supports, available=available
+        )
+        registry.register(
+            "rms_norm", name, fwd=rms[0], bwd=rms[1], supports=supports, available=available
+        )
+
+
+register()
