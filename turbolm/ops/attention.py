@@ -1,27 +1,79 @@
-"""Scaled dot-product attention: reference math, the SDPA baseline, and the functional API.
+"""Scaled dot-product attention: reference math, the SDPA baseline, the Triton kernels, and the
+functional API.
 
-Layout: ``q`` (B, Hq, Tq, D), ``k``/``v`` (B, Hkv, Tk, D) with ``Hq % Hkv == 0`` (grouped-query
-attention; Hkv == 1 is multi-query). Output (B, Hq, Tq, D) in ``q``'s dtype.
+Layouts: ``layout="bhsd"`` (default): ``q`` (B, Hq, Tq, D), ``k``/``v`` (B, Hkv, Tk, D);
+``layout="bshd"``: ``q`` (B, Tq, Hq, D), ``k``/``v`` (B, Tk, Hkv, D) (the output follows the
+input layout); variable-length packed batches (``cu_seqlens=``): ``q`` (total_q, Hq, D),
+``k``/``v`` (total_k, Hkv, D), sequence b owning rows ``cu_seqlens[b] .. cu_seqlens[b+1]-1``.
+``Hq % Hkv == 0`` (grouped-query attention; Hkv == 1 is multi-query). Output in ``q``'s dtype.
 
 * ``causal``: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned, as FlashAttention),
   so decoding Tq new tokens against a cache of Tk keys works. Query rows that see no key
   (Tq > Tk) output zeros and get zero gradient.
-* ``attn_mask``: boolean (True = may attend) or additive float, broadcastable to (B, Hq, Tq, Tk).
+* ``window``: sliding-window (local) attention, FlashAttention's ``window_size`` semantics:
+  ``(left, right)`` lets query i see keys j with
+  ``i + (Tk - Tq) - left <= j <= i + (Tk - Tq) + right`` (-1 = unbounded on that side); an int
+  ``w`` means ``(w, -1)``. With ``causal=True`` the right bound is 0, so ``causal=True,
+  window=w`` sees the aligned key and the ``w`` keys before it (``w + 1`` keys). Rows that see
+  no key output zeros, as above.
+* ``attn_mask``: boolean (True = may attend) or additive float, broadcastable to
+  (B, Hq, Tq, Tk) whatever the layout (not with ``cu_seqlens``).
 * ``dropout_p``: dropout on the attention probabilities (the caller passes 0.0 in eval).
+  ``seed``: the dropout seed; when None one is drawn from torch's default (CPU) generator, so
+  ``torch.manual_seed`` makes runs reproducible. The triton backend regenerates the same mask
+  in the backward from the seed (Philox); the autograd-native backends run their dropout under
+  ``torch.random.fork_rng`` seeded with ``seed`` when it is given.
 * ``scale``: softmax scale, default ``1/sqrt(D)``.
+* ``cu_seqlens``: int32 (B + 1,) cumulative sequence lengths, one tensor for q and k/v or a
+  pair ``(cu_seqlens_q, cu_seqlens_k)``; ``max_seqlen`` an int or pair (computed, with a host
+  sync, when omitted). No padding is computed by the triton backend.
+
+Backends: ``reference`` (readable fp32/fp64 math, the oracle), ``torch`` (SDPA), ``triton``
+(``turbolm.kernels.attention``: FlashAttention-2 style forward and backward; CUDA tensors, or
+CPU tensors under ``TRITON_INTERPRET=1``; no ``attn_mask``; head dim <= 256).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from turbolm.errors import InputError, ShapeError
 from turbolm.ops import registry
-from turbolm.ops.checks import check_float, check_ndim, check_same_device, check_same_dtype
+from turbolm.ops.checks import (
+    check_float,
+    check_ndim,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
 from turbolm.ops.function import run_backend
+
+LAYOUTS = ("bhsd", "bshd")
+
+
+def window_bounds(window) -> tuple[int, int]:
+    """Normalize ``window`` (None, int left, or (left, right)) to (left, right); -1 = unbounded."""
+    if window is None:
+        return -1, -1
+    if isinstance(window, bool):
+        raise InputError(f"window must be an int or a (left, right) pair, got {window!r}")
+    if isinstance(window, int):
+        pair = (window, -1)
+    elif isinstance(window, tuple | list) and len(window) == 2:
+        pair = tuple(-1 if w is None else w for w in window)
+    else:
+        raise InputError(f"window must be an int or a (left, right) pair, got {window!r}")
+    for w in pair:
+        if isinstance(w, bool) or not isinstance(w, int) or w < -1:
+            raise InputError(
+                f"window sizes must be ints >= 0 (or -1 / None for unbounded), got {window!r}"
+            )
+    return int(pair[0]), int(pair[1])
 
 
 def causal_allowed(tq: int, tk: int, device) -> torch.Tensor:
@@ -31,9 +83,27 @@ def causal_allowed(tq: int, tk: int, device) -> torch.Tensor:
     return cols <= rows + (tk - tq)
 
 
-def _allowed_and_bias(q, k, causal, attn_mask):
-    """Combine causal and user masks into (bool allowed | None, additive bias | None)."""
-    allowed = causal_allowed(q.shape[-2], k.shape[-2], q.device) if causal else None
+def visible_mask(tq: int, tk: int, causal: bool, window, device) -> torch.Tensor | None:
+    """(Tq, Tk) bool of the keys each query may see under ``causal`` and ``window``, or None
+    when every key is visible."""
+    left, right = window_bounds(window)
+    if causal:
+        right = 0
+    if left < 0 and right < 0:
+        return None
+    diag = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    cols = torch.arange(tk, device=device)[None, :]
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if right >= 0:
+        allowed &= cols <= diag + right
+    if left >= 0:
+        allowed &= cols >= diag - left
+    return allowed
+
+
+def _allowed_and_bias(q, k, causal, attn_mask, window=None):
+    """Combine causal, window and user masks into (bool allowed | None, additive bias | None)."""
+    allowed = visible_mask(q.shape[-2], k.shape[-2], causal, window, q.device)
     bias = None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -43,15 +113,17 @@ def _allowed_and_bias(q, k, causal, attn_mask):
     return allowed, bias
 
 
-def attention_reference(q, k, v, causal=False, dropout_p=0.0, attn_mask=None, scale=None):
-    """Readable attention in fp32 (fp64 for fp64 inputs)."""
+def attention_reference(
+    q, k, v, causal=False, dropout_p=0.0, attn_mask=None, scale=None, window=None
+):
+    """Readable attention in fp32 (fp64 for fp64 inputs); (B, H, T, D) layout."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, Hq, Tk, D)
     v = v.repeat_interleave(groups, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * scale  # (B, Hq, Tq, Tk)
-    allowed, bias = _allowed_and_bias(q, k, causal, attn_mask)
+    allowed, bias = _allowed_and_bias(q, k, causal, attn_mask, window)
     if bias is not None:
         scores = scores + bias.to(compute)
     empty_rows = None
@@ -69,19 +141,19 @@ def attention_reference(q, k, v, causal=False, dropout_p=0.0, attn_mask=None, sc
     return out.to(q.dtype)
 
 
-def _attention_torch(q, k, v, causal=False, dropout_p=0.0, attn_mask=None, scale=None):
+def _attention_torch(q, k, v, causal=False, dropout_p=0.0, attn_mask=None, scale=None, window=None):
     """PyTorch's scaled_dot_product_attention (flash / efficient / math, as torch picks)."""
     tq, tk = q.shape[-2], k.shape[-2]
     if k.shape[1] != q.shape[1]:
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    if attn_mask is None and (not causal or tq == tk):
+    if attn_mask is None and window is None and (not causal or tq == tk):
         # SDPA's is_causal is top-left aligned, which equals ours only when Tq == Tk.
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale
         )
-    allowed, bias = _allowed_and_bias(q, k, causal, attn_mask)
+    allowed, bias = _allowed_and_bias(q, k, causal, attn_mask, window)
     mask = bias.to(q.dtype) if bias is not None else None
     empty_rows = None
     if allowed is not None:
@@ -102,10 +174,114 @@ registry.register("attention", "reference", fn=attention_reference)
 registry.register("attention", "torch", fn=_attention_torch)
 
 
-def _check_attention_inputs(q, k, v, attn_mask, dropout_p, scale):
+# ---- triton backend -------------------------------------------------------------------------
+
+# `auto` picks triton on CUDA only once GPU tests and committed benchmarks
+# (benchmarks/results/<gpu>/) show it correct and fastest; until then name it explicitly.
+TRITON_AUTO_ON_CUDA = False
+_KERNELS_MODULE = "turbolm.kernels.attention"
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _triton_available() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def _triton_supports(q, k, v, attn_mask=None, requested=None, **_) -> str | None:
+    """None if the Triton kernels can run these inputs, else why not."""
+    loaded = sys.modules.get(_KERNELS_MODULE)
+    if q.device.type == "cpu":
+        if not _interpret_requested():
+            return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing)"
+        if loaded is not None and not loaded.INTERPRET:
+            return (
+                f"{_KERNELS_MODULE} was imported without TRITON_INTERPRET=1, so its kernels are "
+                "compiled for a GPU; set TRITON_INTERPRET=1 before it is imported"
+            )
+    elif q.device.type != "cuda":
+        return f"tensors on {q.device.type} are not supported (CUDA, or CPU under the interpreter)"
+    if attn_mask is not None:
+        return (
+            "attn_mask (boolean or additive) is not supported by the triton backend; "
+            "use causal= / window=, or the torch backend"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        dtype = str(q.dtype).replace("torch.", "")
+        return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
+    d = q.shape[-1]
+    if d > 256:
+        return f"head_dim {d} > 256 is not supported"
+    if q.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(q.device)
+        if q.dtype == torch.bfloat16 and major < 8:
+            return f"bfloat16 needs compute capability >= 8.0, this GPU has {major}.{minor}"
+        if requested == "auto" and not TRITON_AUTO_ON_CUDA:
+            return "not chosen automatically until benchmarked on GPU (pass backend='triton')"
+    return None
+
+
+def _kernel_kwargs(causal, dropout_p, scale, window, layout, max_seqlen_q, max_seqlen_k, seed):
+    return {
+        "causal": causal,
+        "scale": scale,
+        "window": window,
+        "dropout_p": dropout_p,
+        "seed": seed,
+        "layout": layout,
+        "max_seqlen_q": max_seqlen_q,
+        "max_seqlen_k": max_seqlen_k,
+    }
+
+
+def _triton_fwd(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, **params):
+    from turbolm.kernels import attention as kernels
+
+    out, lse = kernels.attention_fwd(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **_kernel_kwargs(**params)
+    )
+    return out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
+
+
+def _triton_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, **params):
+    from turbolm.kernels import attention as kernels
+
+    dq, dk, dv = kernels.attention_bwd(
+        grad_out, q, k, v, out, lse,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **_kernel_kwargs(**params),
+    )  # fmt: skip
+    return dq, dk, dv, None, None, None
+
+
+registry.register(
+    "attention",
+    "triton",
+    fwd=_triton_fwd,
+    bwd=_triton_bwd,
+    supports=_triton_supports,
+    available=_triton_available,
+)
+
+
+# ---- functional API -------------------------------------------------------------------------
+
+
+def _check_attention_inputs(q, k, v, attn_mask, dropout_p, scale, layout="bhsd"):
+    """Checks in the (B, H, T, D) view (``bshd`` inputs are checked through a transpose)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
-        check_ndim(name, t, 4, "(batch, heads, seq, head_dim)")
+        dims = (
+            "(batch, heads, seq, head_dim)" if layout == "bhsd" else "(batch, seq, heads, head_dim)"
+        )
+        check_ndim(name, t, 4, dims)
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     check_same_dtype(q=q, k=k, v=v)
     check_same_device(q=q, k=k, v=v, attn_mask=attn_mask)
     b, hq, _, d = q.shape
@@ -116,6 +292,7 @@ def _check_attention_inputs(q, k, v, attn_mask, dropout_p, scale):
     if k.shape[0] != b or k.shape[-1] != d:
         raise ShapeError(
             f"k must be (batch={b}, kv_heads, seq_k, head_dim={d}), got {tuple(k.shape)}"
+            + (" (in the bhsd view of bshd inputs)" if layout == "bshd" else "")
         )
     if k.shape[1] == 0 or hq % k.shape[1] != 0:
         raise ShapeError(f"q heads ({hq}) must be a multiple of k/v heads ({k.shape[1]})")
@@ -129,10 +306,101 @@ def _check_attention_inputs(q, k, v, attn_mask, dropout_p, scale):
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                 f"(batch, heads, seq_q, seq_k) = {(b, hq, q.shape[2], k.shape[2])}"
             ) from None
+    _check_scalars(dropout_p, scale)
+
+
+def _check_scalars(dropout_p, scale):
     if not 0.0 <= dropout_p < 1.0:
         raise InputError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not (math.isfinite(scale) and scale > 0):
         raise InputError(f"scale must be a finite number > 0, got {scale}")
+
+
+def _pair(value, name):
+    if isinstance(value, tuple | list):
+        if len(value) != 2:
+            raise InputError(f"{name} must be one value or a (q, k) pair, got {len(value)} values")
+        return value[0], value[1]
+    return value, value
+
+
+def _check_varlen(q, k, v, cu_seqlens, max_seqlen, attn_mask, dropout_p, scale):
+    """Validate packed inputs; returns (cu_q, cu_k, max_q, max_k)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+        check_ndim(name, t, 3, "(total_tokens, heads, head_dim) with cu_seqlens")
+    check_same_dtype(q=q, k=k, v=v)
+    if attn_mask is not None:
+        raise InputError("attn_mask cannot be combined with cu_seqlens (use causal= / window=)")
+    cu_q, cu_k = _pair(cu_seqlens, "cu_seqlens")
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        check_tensor(name, cu)
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+            raise ShapeError(
+                f"{name} must be a 1-D int32 tensor of batch + 1 offsets, got "
+                f"{str(cu.dtype).replace('torch.', '')} of shape {tuple(cu.shape)}"
+            )
+    check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    if cu_q.numel() != cu_k.numel():
+        raise ShapeError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length, got {cu_q.numel()} "
+            f"and {cu_k.numel()}"
+        )
+    if k.shape != v.shape:
+        raise ShapeError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if k.shape[-1] != q.shape[-1]:
+        raise ShapeError(
+            f"k must be (total_k, kv_heads, head_dim={q.shape[-1]}), got {tuple(k.shape)}"
+        )
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ShapeError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    _check_scalars(dropout_p, scale)
+    max_q, max_k = _pair(max_seqlen, "max_seqlen")
+    if max_q is None or max_k is None or q.device.type == "cpu":
+        # Needs the offsets on the host (a sync on GPU): validate them while at it.
+        for name, cu, total in (
+            ("cu_seqlens_q", cu_q, q.shape[0]),
+            ("cu_seqlens_k", cu_k, k.shape[0]),
+        ):
+            host = cu.cpu()
+            lengths = host[1:] - host[:-1]
+            if host[0] != 0 or host[-1] != total or (lengths < 0).any():
+                raise ShapeError(
+                    f"{name} must rise from 0 to the number of tokens ({total}), got "
+                    f"{host.tolist()}"
+                )
+            longest = int(lengths.max()) if lengths.numel() else 0
+            if name == "cu_seqlens_q":
+                max_q = longest if max_q is None else max_q
+            else:
+                max_k = longest if max_k is None else max_k
+    return cu_q, cu_k, int(max_q), int(max_k)
+
+
+def _run_native(chosen, q, k, v, causal, dropout_p, attn_mask, scale, window, layout, varlen):
+    """An autograd-native backend on any layout: transposed views, or one call per sequence."""
+
+    def call(q, k, v, mask):
+        extra = {} if window is None else {"window": window}
+        return chosen.fn(q, k, v, causal, dropout_p, mask, scale, **extra)
+
+    if varlen is not None:
+        cu_q, cu_k = (c.tolist() for c in varlen)
+        outs = []
+        for b in range(len(cu_q) - 1):
+            sq, sk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+            # (T, H, D) -> (1, H, T, D)
+            qb, kb, vb = (t[s].transpose(0, 1).unsqueeze(0) for t, s in ((q, sq), (k, sk), (v, sk)))
+            outs.append(call(qb, kb, vb, None)[0].transpose(0, 1))  # (T, H, D)
+        if not outs:
+            return q.new_empty(q.shape)
+        return torch.cat(outs, dim=0)
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D) views
+        return call(q, k, v, attn_mask).transpose(1, 2)
+    return call(q, k, v, attn_mask)
 
 
 def attention(
@@ -144,15 +412,52 @@ def attention(
     dropout_p: float = 0.0,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    window: int | tuple[int, int] | None = None,
+    layout: str = "bhsd",
+    cu_seqlens: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_seqlen: int | tuple[int, int] | None = None,
+    seed: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Attention of ``q`` (B, Hq, Tq, D) over ``k``/``v`` (B, Hkv, Tk, D) -> (B, Hq, Tq, D)."""
-    _check_attention_inputs(q, k, v, attn_mask, dropout_p, scale)
+    """Attention of ``q`` over ``k``/``v`` (layouts and options: see the module docstring)."""
+    if layout not in LAYOUTS:
+        raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    left, right = window_bounds(window)
+    norm_window = None if (left, right) == (-1, -1) else (left, right)
+    varlen = None
+    if cu_seqlens is not None:
+        cu_q, cu_k, max_q, max_k = _check_varlen(
+            q, k, v, cu_seqlens, max_seqlen, attn_mask, dropout_p, scale
+        )
+        varlen = (cu_q, cu_k)
+    else:
+        _check_attention_inputs(q, k, v, attn_mask, dropout_p, scale, layout)
+    requested, _ = registry.requested_backend("attention", backend)
     chosen = registry.select(
-        "attention", q.device.type, backend, q=q, k=k, v=v, attn_mask=attn_mask, causal=causal
-    )
+        "attention", q.device.type, backend,
+        q=q, k=k, v=v, attn_mask=attn_mask, causal=causal, window=norm_window,
+        layout="varlen" if varlen else layout, dropout_p=dropout_p, requested=requested,
+    )  # fmt: skip
     if chosen.is_autograd_native:
-        return chosen.fn(q, k, v, causal, dropout_p, attn_mask, scale)
-    # Kernel backends: fwd(q, k, v, attn_mask, causal=, dropout_p=, scale=) -> (out, *saved).
-    params = {"causal": causal, "dropout_p": dropout_p, "scale": scale}
-    return run_backend(chosen, (q, k, v, attn_mask), params)
+        args = (chosen, q, k, v, causal, dropout_p, attn_mask, scale, norm_window, layout, varlen)
+        if seed is None or dropout_p == 0.0:
+            return _run_native(*args)
+        devices = [q.device] if q.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return _run_native(*args)
+    # Kernel backends: fwd(q, k, v, attn_mask, cu_q, cu_k, **params) -> (out, *saved).
+    if dropout_p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    params = {
+        "causal": causal,
+        "dropout_p": dropout_p,
+        "scale": scale,
+        "window": norm_window,
+        "layout": "varlen" if varlen else layout,
+        "max_seqlen_q": max_q if varlen else None,
+        "max_seqlen_k": max_k if varlen else None,
+        "seed": seed,
+    }
+    cu_q, cu_k = varlen if varlen else (None, None)
+    return run_backend(chosen, (q, k, v, attn_mask, cu_q, cu_k), params)
