@@ -26,6 +26,13 @@
 namespace turbolm::norm {
 namespace {
 
+// A type carried as a value, to pick a template instance inside a generic lambda
+// (std::type_identity is C++20; torch < 2.14 builds extensions as C++17).
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
 // Threads for a job of `work` elements split in `tasks` pieces: about one per 64K elements,
 // at most torch's intra-op thread count (torch.set_num_threads).
 int threads_for(int64_t work, int64_t tasks) {
@@ -186,8 +193,8 @@ void norm_bwd_cpu(const T* dy, const T* x, const T* w_in, const acc_t* mean, con
                    : (db ? Fn(&norm_row_backward<false, false, true, E, acc_t, acc_t>)
                          : Fn(&norm_row_backward<false, false, false, E, acc_t, acc_t>)));
   };
-  const RowFn row_acc = pick(std::type_identity<acc_t>{});
-  const RowFnT row_direct = pick(std::type_identity<T>{});
+  const RowFn row_acc = pick(TypeTag<acc_t>{});
+  const RowFnT row_direct = pick(TypeTag<T>{});
   const int nt = threads_for(rows * n, chunks);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
