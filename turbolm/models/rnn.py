@@ -126,6 +126,14 @@ class RNNLM(nn.Module):
         logits, _ = self._run(idx, None)
         return logits, lm_loss(logits, targets, idx)
 
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> the features (B, T, D) the output layer reads, from a zero state: the
+        recurrent output, through ``proj`` when there is one (D = d_embed, else d_hidden).
+        ``forward``'s logits are ``head(dropout(hidden_states(idx)))``; used by fine-tuning."""
+        check_idx(idx)
+        out, _ = self.rnn(self.drop(self.embed(idx)), None)  # (B, T, H)
+        return self.proj(out) if self.proj is not None else out  # (B, T, D)
+
     # -----------------------------------------------------------------------------------------
     # generation
 

@@ -231,6 +231,13 @@ class TransformerLM(nn.Module):
         logits = self.lm_head(self._trunk(idx, None))  # (B, T, V)
         return logits, lm_loss(logits, targets, idx)
 
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> the final-norm hidden states (B, T, d_model) that ``lm_head`` reads
+        (``forward``'s logits are ``lm_head(hidden_states(idx))``); used by fine-tuning heads."""
+        check_idx(idx)
+        self._check_len(idx.size(1), "idx")
+        return self._trunk(idx, None)  # (B, T, C)
+
     # -----------------------------------------------------------------------------------------
     # generation
 

@@ -1,10 +1,17 @@
-"""The single-process trainer: data -> model -> AdamW loop with evaluation, early stopping,
-logging (JSONL + TensorBoard + progress bar), atomic checkpoints and exact resume.
+"""The trainer: data -> model -> AdamW loop with evaluation, early stopping, logging (JSONL +
+TensorBoard + progress bar), atomic checkpoints and exact resume.
+
+One process by default. With ``train.deepspeed`` (a DeepSpeed JSON config) or under a launcher
+(``torchrun``, the ``deepspeed`` launcher, SLURM) the same loop runs data parallel through a
+DeepSpeed engine (ZeRO 0-3; see ``turbolm/train/distributed.py``): every rank draws its own
+disjoint batch stream, rank 0 alone writes logs, metrics, TensorBoard and the progress bar, and
+train/val metrics are averaged over all ranks. The single-process path never imports deepspeed.
 
 Exact resume: everything that decides the next step is checkpointed (model, optimizer,
-scheduler, loss scaler, RNG states, data position, early-stopping counters), so a run stopped
-after step N (even by SIGKILL) and resumed from its checkpoint at N gives the same losses as an
-uninterrupted run. SIGINT/SIGTERM finish the current step, save a checkpoint and stop.
+scheduler, loss scaler, RNG states of every rank, data position, early-stopping counters), so
+a run stopped after step N (even by SIGKILL) and resumed from its checkpoint at N gives the same
+losses as an uninterrupted run. SIGINT/SIGTERM finish the current step, save a checkpoint and
+stop (under DeepSpeed every rank stops at the same step: the flag is all-reduced each step).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 from turbolm.config import DataConfig, RunConfig, config_to_dict, model_kwargs
 from turbolm.data import TokenData, TrainBatches, ensure_prepared, is_prepared, unigram_entropy
 from turbolm.data.prepare import read_meta
-from turbolm.errors import ConfigError, DataError
+from turbolm.errors import CheckpointError, ConfigError, DataError
 from turbolm.eval.lm import evaluate_lm
 from turbolm.generate import generate_tokens
 from turbolm.models import build_model
@@ -56,6 +63,7 @@ class TrainResult:
     interrupted_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
     checkpoint: str | None = None
     sample: str = ""
+    rank: int = 0  # under DeepSpeed: this process's rank (only rank 0 reports)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,17 +100,22 @@ def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+def prepare_run_dir(
+    out_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    find: Callable[[Path], Path | None] = find_latest_checkpoint,
+) -> Path | None:
     """Create the run folder; returns the checkpoint to resume from (or None).
 
     An existing non-empty folder is never silently reused: it needs ``resume`` (continue it)
-    or ``overwrite`` (delete it first).
+    or ``overwrite`` (delete it first). ``find`` picks the checkpoint to resume from.
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     exists = out_dir.exists() and any(out_dir.iterdir())
     if exists and resume:
-        return find_latest_checkpoint(out_dir)  # None: nothing complete yet, start afresh
+        return find(out_dir)  # None: nothing complete yet, start afresh
     if exists and not overwrite:
         raise ConfigError(
             f"run folder {out_dir} already exists: pass --resume to continue it "
@@ -151,7 +164,8 @@ class _StopSignals:
 
 
 class Trainer:
-    """Runs one training job described by a validated ``RunConfig``."""
+    """Runs one training job described by a validated ``RunConfig`` (one process, or one rank
+    of a DeepSpeed job)."""
 
     def __init__(
         self,
@@ -169,6 +183,17 @@ class Trainer:
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.out_dir = Path(self.tc.out_dir)
+        self.rt = None  # DeepSpeedRuntime when data parallel
+        self._resume_from: str | None = None
+        self.rank, self.world_size = 0, 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _on_main(self, fn: Callable[[], object]) -> object:
+        """``fn()`` on rank 0, its result (or its error) on every rank."""
+        return fn() if self.rt is None else self.rt.on_main(fn)
 
     # ----------------------------------------------------------------------------- setup
 
@@ -176,14 +201,25 @@ class Trainer:
         """Use ``data.dir`` if it is prepared, else prepare it (default: embedded corpus).
 
         A prepared folder is never re-prepared behind the user's back: if the config asks for
-        data settings that differ from the folder's, that is an error.
+        data settings that differ from the folder's, that is an error. Under DeepSpeed rank 0
+        prepares and the others wait (the folder must be on a shared file system, or prepared
+        on every node beforehand).
         """
         d = self.cfg.data
         wanted = _prepare_settings(d)
-        if is_prepared(d.dir):
-            self._check_prepared_matches(d.dir, wanted)
-        else:
-            ensure_prepared(d.dir, progress=self.progress, **wanted)
+
+        def prepare() -> None:
+            if is_prepared(d.dir):
+                self._check_prepared_matches(d.dir, wanted)
+            else:
+                ensure_prepared(d.dir, progress=self.progress, **wanted)
+
+        self._on_main(prepare)
+        if not self.is_main and not is_prepared(d.dir):
+            raise DataError(
+                f"rank {self.rank} cannot see the prepared data in {d.dir}: put data.dir on a "
+                "file system shared by all nodes, or run `turbolm prepare` on every node first"
+            )
         self.data = TokenData(d.dir)
         context = self.cfg.model.context
         for split in ("train", "val"):
@@ -193,7 +229,18 @@ class Trainer:
                     f"the {split} split of {d.dir} has {n} tokens, fewer than "
                     f"model.context + 1 = {context + 1}: use a smaller context or more data"
                 )
-        self.batches = TrainBatches(self.data.train, self.tc.batch_size, context, seed=self.tc.seed)
+        self.batches = self._make_train_batches()
+
+    def _make_train_batches(self) -> TrainBatches:
+        """This rank's batch stream (disjoint from the other ranks', resumable)."""
+        return TrainBatches(
+            self.data.train,
+            self.tc.batch_size,
+            self.cfg.model.context,
+            seed=self.tc.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     @staticmethod
     def _check_prepared_matches(data_dir: str, wanted: dict) -> None:
@@ -211,30 +258,59 @@ class Trainer:
                 "use another data.dir or re-run `turbolm prepare --overwrite`"
             )
 
+    def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        tc = self.tc
+        return torch.optim.AdamW(
+            groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=self.device.type == "cuda"
+        )
+
+    def _lr_lambda(self, step: int) -> float:
+        tc = self.tc
+        return lr_factor(step, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+
     def _setup_model(self) -> None:
         self.model_kwargs = model_kwargs(self.cfg.model, self.data.vocab_size)
-        torch.manual_seed(self.tc.seed)
+        torch.manual_seed(self.tc.seed)  # every rank builds the same initial weights
         self.model = build_model(self.model_kwargs).to(self.device)
+        # counted before ZeRO-3 partitions the parameters (each rank then holds a slice)
+        self.n_params, self.flops = self.model.num_params(), self.model.flops_per_token()
         groups = self.model.configure_optimizer_groups(self.tc.weight_decay)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=self.tc.lr, betas=(self.tc.beta1, self.tc.beta2), fused=fused
-        )
-        tc = self.tc
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio),
-        )
+        if self.rt is not None:
+            if self.rank > 0:
+                torch.manual_seed(self.tc.seed + self.rank)  # own dropout masks per rank
+            if self._resume_from is not None:
+                self.rt.plan_resume(Path(self._resume_from))  # may switch to a universal load
+            engine = self.rt.initialize(self.model, groups, self._make_optimizer, self._lr_lambda)
+            self.forward_model = engine
+            return
+        self.optimizer = self._make_optimizer(groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.forward_model = torch.compile(self.model) if tc.compile else self.model
+        self.forward_model = torch.compile(self.model) if self.tc.compile else self.model
 
     def _restore(self, checkpoint: Path) -> None:
-        state = load_checkpoint(checkpoint, map_location=self.device)
-        load_model_weights(self.model, state["model_state"])
-        ts = state["trainer_state"]
-        self.optimizer.load_state_dict(ts["optimizer"])
-        self.scheduler.load_state_dict(ts["scheduler"])
-        self.scaler.load_state_dict(ts["scaler"])
+        from turbolm.train.distributed import is_ds_checkpoint
+
+        if self.rt is not None:
+            if not is_ds_checkpoint(checkpoint):
+                raise CheckpointError(
+                    f"{checkpoint} was written by a single-process run; resume it without "
+                    "train.deepspeed and without a launcher (or start a new run folder)"
+                )
+            ts = self.rt.load(checkpoint)
+        else:
+            if is_ds_checkpoint(checkpoint):
+                raise CheckpointError(
+                    f"{checkpoint} was written by a DeepSpeed run: resume it with the same "
+                    "train.deepspeed config (and launcher), or turn it into plain weights with "
+                    "`turbolm consolidate`"
+                )
+            state = load_checkpoint(checkpoint, map_location=self.device)
+            load_model_weights(self.model, state["model_state"])
+            ts = state["trainer_state"]
+            self.optimizer.load_state_dict(ts["optimizer"])
+            self.scheduler.load_state_dict(ts["scheduler"])
+            self.scaler.load_state_dict(ts["scaler"])
         self.batches.load_state_dict(ts["data"])
         set_rng_state(ts["rng"])
         self.step = int(ts["step"])
@@ -245,41 +321,59 @@ class Trainer:
 
     # ------------------------------------------------------------------------- the loop
 
-    def _train_step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+    def _train_step(self, stop_requested: bool = False) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (over
+        all ranks under DeepSpeed, which also agree on ``self.stop_all``)."""
+        tc = self.tc
+        if self.rt is not None:
+            loss, self.grad_norm, self.stop_all = self.rt.train_step(
+                self.batches, tc.grad_accum, stop_requested
+            )
+            self.step += 1
+            self.tokens_seen += (
+                tc.batch_size * tc.grad_accum * self.cfg.model.context * self.world_size
+            )
+            return loss
         total = 0.0
-        for _ in range(self.tc.grad_accum):
+        for _ in range(tc.grad_accum):
             x, y = self.batches.next()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast:
                 _, loss = self.forward_model(x, y)
-            self.scaler.scale(loss / self.tc.grad_accum).backward()
+            self.scaler.scale(loss / tc.grad_accum).backward()
             total += loss.item()
         self.scaler.unscale_(self.optimizer)
-        if self.tc.grad_clip > 0:
+        if tc.grad_clip > 0:
             self.grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        self.tokens_seen += self.tc.batch_size * self.tc.grad_accum * self.cfg.model.context
-        return total / self.tc.grad_accum
+        self.tokens_seen += tc.batch_size * tc.grad_accum * self.cfg.model.context
+        self.stop_all = stop_requested
+        return total / tc.grad_accum
+
+    def _current_lr(self) -> float:
+        return self.rt.lr() if self.rt is not None else self.scheduler.get_last_lr()[0]
 
     def _evaluate(self) -> dict[str, float]:
-        return evaluate_lm(
-            self.model,
-            self.data.val,
+        kwargs = dict(
             batch_size=self.tc.batch_size,
             context=self.cfg.model.context,
             max_batches=self.tc.eval_batches,
-            device=self.device,
-            autocast=self.autocast,
+        )
+        if self.rt is not None:
+            return self.rt.evaluate(self.data.val, **kwargs)
+        return evaluate_lm(
+            self.model, self.data.val, device=self.device, autocast=self.autocast, **kwargs
         )
 
     def _write_metrics(self, record: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -287,26 +381,42 @@ class Trainer:
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
 
-    def _checkpoint(self) -> Path:
+    def _checkpoint(self, final: bool = False) -> Path:
+        """Save a checkpoint; ``final`` (the run is ending) also consolidates DeepSpeed
+        weights into ``model.safetensors``."""
         trainer_state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "data": self.batches.state_dict(),
-            "rng": rng_state(),
             "best_val_loss": self.best_val,
             "bad_evals": self.bad_evals,
             "tokens_seen": self.tokens_seen,
         }
         config = {"run": config_to_dict(self.cfg), "model": self.model_kwargs}
+        tokenizer = os.path.join(self.cfg.data.dir, "tokenizer.json")
+        if self.rt is not None:
+            return self.rt.save(
+                self.out_dir,
+                self.step,
+                config,
+                trainer_state,
+                rng_state(),
+                tokenizer,
+                keep=self.tc.keep_checkpoints,
+                consolidate_weights=final,
+            )
+        trainer_state.update(
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng=rng_state(),
+        )
         return save_checkpoint(
             self.out_dir,
             self.step,
             self.model.state_dict(),
             config,
             trainer_state,
-            tokenizer_path=os.path.join(self.cfg.data.dir, "tokenizer.json"),
+            tokenizer_path=tokenizer,
             keep=self.tc.keep_checkpoints,
         )
 
@@ -323,6 +433,8 @@ class Trainer:
         n = self.tc.sample_tokens if max_new_tokens is None else max_new_tokens
         if n <= 0:
             return ""
+        if self.rt is not None and not self.is_main and self.rt.stage < 3:
+            return ""  # ZeRO-3 gathers weights collectively: every rank samples in lockstep
         tok = self.data.tokenizer
         ids = tok.encode(prompt) or [tok.eot_id]
         new = list(
@@ -332,30 +444,80 @@ class Trainer:
         )
         return prompt + tok.decode(new)
 
+    def _setup_parallel(self) -> tuple[bool, bool]:
+        """Start DeepSpeed when asked for (``train.deepspeed``) or launched with several ranks;
+        returns the effective ``(resume, overwrite)``."""
+        from turbolm.train.distributed import (
+            DeepSpeedRuntime,
+            ds_config_from_train,
+            launch_env,
+            restarted_by_elastic_agent,
+        )
+
+        resume, overwrite = self.resume, self.overwrite
+        env = launch_env()
+        if not (self.tc.deepspeed.strip() or env.distributed):
+            return resume, overwrite
+        if self.tc.compile:
+            raise ConfigError("train.compile=true is not supported with DeepSpeed yet")
+        self.rank, self.world_size = env.rank, env.world_size
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        ds_config = ds_config_from_train(self.cfg, env.world_size, self.precision)
+        if restarted_by_elastic_agent():
+            # torchrun restarted the job after a failure: continue the run folder of the first
+            # attempt (never delete it, even if that attempt was started with --overwrite).
+            resume, overwrite = True, False
+        self.rt = DeepSpeedRuntime(env, ds_config, self.device)
+        self.rt.init_process_group()
+        if not self.is_main:
+            self.log = lambda msg: None
+            self.progress = False
+        return resume, overwrite
+
     def run(self) -> TrainResult:
         """Train to ``max_steps`` (or early stop / signal); returns the result."""
+        from turbolm.train.distributed import find_latest_resumable
+
         tc = self.tc
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
         self.device = resolve_device(tc.device)
         self.precision = resolve_precision(tc.precision, self.device)
-        self.autocast = autocast_for(self.precision, self.device)
-        resume_from = prepare_run_dir(self.out_dir, self.resume, self.overwrite)
+        resume, overwrite = self._setup_parallel()
+        # DeepSpeed applies bf16/fp16 itself (16-bit weights, fp32 master copy): no autocast.
+        self.autocast = (
+            autocast_for(self.precision, self.device)
+            if self.rt is None
+            else contextlib.nullcontext()
+        )
+
+        def run_dir() -> str | None:
+            found = prepare_run_dir(self.out_dir, resume, overwrite, find=find_latest_resumable)
+            return None if found is None else str(found)
+
+        resume_from = self._resume_from = self._on_main(run_dir)
         backend_ctx = use_backend(tc.backend) if tc.backend != "auto" else contextlib.nullcontext()
         with backend_ctx, _StopSignals() as signals:
             self._setup_data()
             self._setup_model()
             self.step, self.best_val, self.bad_evals, self.tokens_seen = 0, None, 0, 0
             self.grad_norm = float("nan")
-            if resume_from is not None:
-                self._restore(resume_from)
-            (self.out_dir / "run_config.json").write_text(
-                json.dumps({"run": config_to_dict(self.cfg), "model": self.model_kwargs}, indent=2)
-            )
+            self.stop_all = False
+            self._resumed = resume_from is not None
+            if self._resumed:
+                self._restore(Path(resume_from))
+            if self.is_main:
+                (self.out_dir / "run_config.json").write_text(
+                    json.dumps(
+                        {"run": config_to_dict(self.cfg), "model": self.model_kwargs}, indent=2
+                    )
+                )
             return self._loop(signals)
 
     def _open_tensorboard(self):
-        if not self.tc.tensorboard:
+        if not self.tc.tensorboard or not self.is_main:
             return None
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
@@ -365,15 +527,16 @@ class Trainer:
         from tqdm.auto import tqdm
 
         tc = self.tc
-        n_params = self.model.num_params()
         self.log(
-            f"model: {self.cfg.model.arch}, {n_params / 1e6:.2f}M parameters, "
-            f"{self.model.flops_per_token() / 1e6:.1f} MFLOPs/token; device {self.device}, "
+            f"model: {self.cfg.model.arch}, {self.n_params / 1e6:.2f}M parameters, "
+            f"{self.flops / 1e6:.1f} MFLOPs/token; device {self.device}, "
             f"precision {self.precision}; train {self.data.train.size:,} tokens, "
             f"val {self.data.val.size:,} tokens"
         )
+        if self.rt is not None:
+            self.log(self.rt.describe())
         self.tb = self._open_tensorboard()
-        result = TrainResult(out_dir=str(self.out_dir), step=self.step)
+        result = TrainResult(out_dir=str(self.out_dir), step=self.step, rank=self.rank)
         bar = tqdm(
             total=tc.max_steps,
             initial=self.step,
@@ -381,11 +544,11 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        last_ckpt_step = self.step if self.resume else -1
+        last_ckpt_step = self.step if self._resumed else -1
         t_last, tokens_last = time.perf_counter(), self.tokens_seen
         try:
             while self.step < tc.max_steps:
-                loss = self._train_step()
+                loss = self._train_step(signals.received is not None)
                 result.train_loss = loss
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {self.step}")
@@ -399,7 +562,7 @@ class Trainer:
                         {
                             "step": self.step,
                             "loss": loss,
-                            "lr": self.scheduler.get_last_lr()[0],
+                            "lr": self._current_lr(),
                             "grad_norm": self.grad_norm,
                             "tokens_per_s": tok_s,
                         }
@@ -415,23 +578,25 @@ class Trainer:
                             "val_accuracy": result.val["accuracy"],
                         }
                     )
-                    bar.write(
-                        f"step {self.step}: train loss {loss:.4f}, val loss "
-                        f"{result.val['loss']:.4f}, ppl {result.val['perplexity']:.2f}, "
-                        f"acc {result.val['accuracy']:.3f}"
-                    )
+                    if self.is_main:
+                        bar.write(
+                            f"step {self.step}: train loss {loss:.4f}, val loss "
+                            f"{result.val['loss']:.4f}, ppl {result.val['perplexity']:.2f}, "
+                            f"acc {result.val['accuracy']:.3f}"
+                        )
                     stop = self._after_eval(result.val)
                     result.stopped_early = stop
-                if signals.received:
-                    result.interrupted_by = signals.received
+                if self.stop_all:
+                    result.interrupted_by = signals.received or "SIGTERM"
                     stop = True
-                if stop or self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
-                    result.checkpoint = str(self._checkpoint())
+                final = stop or self.step == tc.max_steps
+                if final or self.step % tc.checkpoint_every == 0:
+                    result.checkpoint = str(self._checkpoint(final=final))
                     last_ckpt_step = self.step
                 if stop:
                     break
             if last_ckpt_step != self.step:  # e.g. resumed at max_steps already
-                result.checkpoint = str(self._checkpoint())
+                result.checkpoint = str(self._checkpoint(final=True))
         finally:
             bar.close()
             if self.tb is not None:
@@ -450,7 +615,8 @@ class Trainer:
             )
         if not result.val:
             result.val = self._evaluate()
-        result.unigram_entropy = unigram_entropy(self.data.val, self.data.vocab_size)
+        if self.is_main:
+            result.unigram_entropy = unigram_entropy(self.data.val, self.data.vocab_size)
         result.sample = self.sample()
         return result
 
