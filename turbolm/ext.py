@@ -185,10 +185,12 @@ def build_config(with_cuda: bool) -> dict:
     cpp = [str(root / "turbolm.cpp")] + [str(p) for d in folders for p in sorted(d.glob("*.cpp"))]
     cu = [str(p) for d in folders for p in sorted(d.glob("*.cu"))] if with_cuda else []
     define = ["-DTURBOLM_WITH_CUDA"] if with_cuda else []
-    define.append(f"-DTURBOLM_OP_FAMILIES={','.join(op_families())}")
+    # Only csrc/turbolm.cpp reads the family list, and nvcc would split a -D value at its
+    # commas (defining `rnn` etc. as macros), so it goes to the C++ compiler alone.
+    families = f"-DTURBOLM_OP_FAMILIES={','.join(op_families())}"
     return {
         "sources": cpp + cu,
-        "cflags": ["-O3", "-fopenmp", *_CPU_LEVELS[cpu_level()], *define],
+        "cflags": ["-O3", "-fopenmp", *_CPU_LEVELS[cpu_level()], *define, families],
         "cuda_cflags": ["-O3", "-lineinfo", *define],
         "ldflags": ["-fopenmp"],
         "include_dirs": [str(root)],

@@ -35,7 +35,8 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch", "reference"),
 }
 
-# supports(**op_inputs) -> None when the backend can run them, else the reason it cannot.
+# supports(**op_inputs, auto=bool) -> None when the backend can run them, else the reason it
+# cannot; `auto` says whether `auto` is trying it (True) or it was asked for by name (False).
 SupportsFn = Callable[..., "str | None"]
 
 
@@ -161,7 +162,9 @@ def select(op: str, device_type: str, explicit: str | None = None, **inputs) -> 
             backend = backends.get(candidate)
             if backend is None:
                 continue
-            reason = backend.why_not(**inputs)
+            # `auto=True` lets supports() decline what only a request by name may do
+            # (e.g. compile the extension, or use kernels not yet verified on a GPU).
+            reason = backend.why_not(**{**inputs, "auto": True})
             if reason is None:
                 return backend
             reasons.append(f"{candidate}: {reason}")
@@ -174,7 +177,7 @@ def select(op: str, device_type: str, explicit: str | None = None, **inputs) -> 
             f"{op}: backend {name!r} (from {source}) is not available; "
             f"registered: {sorted(backends)}"
         )
-    reason = backend.why_not(**inputs)
+    reason = backend.why_not(**{**inputs, "auto": False})
     if reason is not None:
         raise BackendError(f"{op}: backend {name!r} (from {source}) cannot run: {reason}")
     return backend

@@ -757,3 +757,6 @@ def rnn_cell(
     mode = _rnn_mode(nonlinearity)
     (h,) = _run_cell("rnn_cell", mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, backend)
     return h
+
+
+from turbolm.ops import rnn_kernels  # noqa: E402,F401  (registers the cpu/cuda/triton backends)

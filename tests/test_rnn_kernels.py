@@ -1,0 +1,580 @@
+"""RNN kernel backends (``cpu``; ``cuda`` and ``triton`` on a GPU / under the interpreter)
+against the fp64 reference, through the shared harness: outputs, final states and every
+gradient (input, initial states, each weight).
+
+The ``cpu`` tests build the C++ extension on first use (about a minute; cached afterwards).
+Every C++ output is poisoned with NaN before the kernels run (TURBOLM_POISON_OUTPUTS=1), so an
+element a kernel forgets to write fails the harness's finiteness check. The CUDA sources are
+compiled and linked by tests/test_ext.py::test_cuda_sources_compile_and_link (all op families).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # Triton on CPU tensors: the interpreter (before importing it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.harness import check_backend  # noqa: E402
+from tests.test_ops_rnn import (  # noqa: E402
+    BF16_ATOL,
+    MODES,
+    RELU_BF16_SKIP,
+    cell_case,
+    random_lengths,
+    seq_case,
+)
+from turbolm import ext  # noqa: E402
+from turbolm.errors import BackendError, ShapeError  # noqa: E402
+from turbolm.ops import registry, rnn_kernels  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setenv("TURBOLM_POISON_OUTPUTS", "1")
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The C++ extension with the RNN ops; skips the cpu tests if it cannot be built
+    (test_extension_builds_with_rnn_ops then fails with the reason)."""
+    if ext.load_extension() is None:
+        pytest.skip(f"C++ extension unavailable: {ext.extension_status(build=False)[1]}")
+    return rnn_kernels.ops()
+
+
+def test_extension_builds_with_rnn_ops():
+    assert ext.load_extension() is not None, ext.extension_status(build=False)[1]
+    ops = rnn_kernels.ops()
+    for name in ("rnn_layer_fwd", "rnn_layer_bwd", "rnn_cell_fwd", "rnn_cell_bwd"):
+        assert hasattr(ops, name)
+
+
+# --- the sweep: mode x layers x direction x batch x seq x hidden x initial state -------------
+
+SWEEP = list(
+    itertools.product(MODES, (1, 3), (False, True), (1, 5), (1, 7), (1, 33), (False, True))
+)
+
+
+@pytest.mark.parametrize(
+    "mode,layers,bidirectional,batch,steps,hidden,with_hx",
+    SWEEP,
+    ids=[
+        f"{m}-L{ly}-{'bi' if bi else 'uni'}-B{b}-T{t}-H{h}-{'hx' if hx else 'nohx'}"
+        for m, ly, bi, b, t, h, hx in SWEEP
+    ],
+)
+def test_cpu_sweep(built, mode, layers, bidirectional, batch, steps, hidden, with_hx):
+    case = seq_case(mode, layers, bidirectional, batch, steps, hidden, with_hx=with_hx)
+    check_backend(case, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layers", (1, 3))
+@pytest.mark.parametrize("bidirectional", (False, True))
+@pytest.mark.parametrize("hidden", (1, 33))
+def test_cpu_variable_lengths(built, mode, layers, bidirectional, hidden):
+    case = seq_case(mode, layers, bidirectional, 5, 7, hidden, lengths=True, with_hx=layers == 3)
+    check_backend(case, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("layers", (1, 3))
+@pytest.mark.parametrize("bidirectional", (False, True))
+@pytest.mark.parametrize("lengths", (False, True))
+@pytest.mark.parametrize("hidden,proj_size", ((33, 5), (2, 1)))
+def test_cpu_lstm_projection(built, layers, bidirectional, lengths, hidden, proj_size):
+    case = seq_case(
+        "lstm", layers, bidirectional, 5, 7, hidden, proj_size=proj_size, lengths=lengths
+    )
+    check_backend(case, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_layouts(built, mode):
+    """No bias, batch_first (a non-contiguous time-major view) and unbatched input."""
+    for case in (
+        seq_case(mode, 2, True, 4, 5, 6, bias=False),
+        seq_case(mode, 2, True, 4, 5, 6, batch_first=True, lengths=True),
+        seq_case(mode, 2, True, 1, 5, 6, unbatched=True),
+        seq_case(mode, 2, False, 1, 5, 6, unbatched=True, with_hx=False),
+        seq_case(mode, 1, True, 6, 4, 3, lengths=True, bias=False),
+    ):
+        check_backend(case, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_threads_and_gemm_tiles(built, mode):
+    """Two threads (OpenMP over GEMM tiles and batch rows), batches above one 64-row GEMM tile
+    and gate counts that end in a partial 64-column tile."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        proj_size = 24 if mode == "lstm" else 0
+        check_backend(seq_case(mode, 1, True, 70, 3, 40, lengths=True), "cpu", torch.float32)
+        case = seq_case(mode, 1, False, 64, 2, 128, proj_size=proj_size)
+        check_backend(case, "cpu", torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_empty_batch(built):
+    from turbolm.ops.rnn import lstm
+
+    module = torch.nn.LSTM(3, 4)
+    x = torch.randn(5, 0, 3, requires_grad=True)
+    out, (h, c) = lstm(x, None, module._flat_weights, num_layers=1, backend="cpu")
+    assert out.shape == (5, 0, 4) and h.shape == (1, 0, 4)
+    (grad,) = torch.autograd.grad(out.sum() + h.sum(), x)
+    assert grad.shape == x.shape
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_float64(built, mode):
+    proj_size = 3 if mode == "lstm" else 0
+    case = seq_case(mode, 2, True, 5, 6, 9, lengths=True, proj_size=proj_size)
+    check_backend(case, "cpu", torch.float64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_cpu_half_precision(built, mode, dtype):
+    """float16 / bfloat16 compute in float32 inside: within the bound of the reference run in
+    the same dtype (which also computes in float32)."""
+    if mode == "rnn_relu":
+        pytest.skip(RELU_BF16_SKIP)
+    case = seq_case(mode, 2, True, 3, 5, 8, lengths=True)
+    case.atol = BF16_ATOL
+    check_backend(case, "cpu", dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_large(built, mode):
+    case = seq_case(mode, 2, True, 16, 64, 129, lengths=True, proj_size=31 if mode == "lstm" else 0)
+    check_backend(case, "cpu", torch.float32)
+
+
+# --- cells ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch,hidden", ((1, 1), (5, 33)))
+@pytest.mark.parametrize("with_hx", (False, True))
+@pytest.mark.parametrize("bias", (False, True))
+def test_cpu_cells(built, mode, batch, hidden, with_hx, bias):
+    check_backend(cell_case(mode, batch, hidden, with_hx=with_hx, bias=bias), "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_cells_unbatched_float64_bfloat16(built, mode):
+    check_backend(cell_case(mode, 1, 7, unbatched=True), "cpu", torch.float32)
+    check_backend(cell_case(mode, 3, 7), "cpu", torch.float64)
+    if mode == "rnn_relu":
+        return  # RELU_BF16_SKIP
+    case = cell_case(mode, 4, 7)
+    case.atol = BF16_ATOL
+    check_backend(case, "cpu", torch.bfloat16)
+
+
+def test_cpu_cell_with_one_bias_only(built):
+    """torch's cells take both biases or none; the op accepts one alone (the other is zero)."""
+    from turbolm.ops.rnn import gru_cell
+
+    gen = torch.Generator().manual_seed(0)
+    x, h = torch.randn(3, 4, generator=gen), torch.randn(3, 5, generator=gen)
+    w_ih, w_hh = torch.randn(15, 4, generator=gen), torch.randn(15, 5, generator=gen)
+    b = torch.randn(15, generator=gen, requires_grad=True)
+    ref = gru_cell(x, h, w_ih, w_hh, None, b, backend="reference")
+    out = gru_cell(x, h, w_ih, w_hh, None, b, backend="cpu")
+    torch.testing.assert_close(out, ref)
+    (g_ref,) = torch.autograd.grad(ref.sum(), b)
+    (g_out,) = torch.autograd.grad(out.sum(), b)
+    torch.testing.assert_close(g_out, g_ref)
+
+
+# --- gradcheck (float64) ------------------------------------------------------------------------
+
+
+def _gradcheck(case, backend):
+    inputs = case.make_inputs(torch.Generator().manual_seed(0))
+    names = list(case.grad)
+    fixed = {k: v for k, v in inputs.items() if k not in names}
+    if "relu" in case.name:
+        # Keep pre-activations away from relu's kink, where finite differences are not a gradient.
+        inputs = {
+            k: v.abs() + 0.1 if k.startswith(("weight", "bias", "x", "h")) else v
+            for k, v in inputs.items()
+        }
+    tensors = tuple(inputs[n].requires_grad_(True) for n in names)
+
+    def fn(*args):
+        return case.call(backend, **dict(zip(names, args)), **fixed)
+
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("lengths", (False, True))
+def test_cpu_gradcheck(built, mode, lengths):
+    proj_size = 1 if mode == "lstm" else 0
+    _gradcheck(seq_case(mode, 2, True, 3, 3, 2, proj_size=proj_size, lengths=lengths), "cpu")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_cell_gradcheck(built, mode):
+    _gradcheck(cell_case(mode, 3, 4), "cpu")
+
+
+# --- semantics -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_lengths_match_truncated_sequences(built, mode):
+    """Each sequence run alone, truncated to its length, gives the same outputs and states;
+    padded outputs are exactly zero."""
+    case = seq_case(mode, 2, True, 5, 6, 5, lengths=True)
+    inputs = case.make_inputs(torch.Generator().manual_seed(1))
+    inputs["lengths"] = torch.tensor([3, 6, 1, 6, 2])  # unsorted, with ties
+    out, *states = case.call("cpu", **inputs)
+    for b, n in enumerate(inputs["lengths"].tolist()):
+        alone = dict(inputs, x=inputs["x"][:n, b : b + 1], lengths=None)
+        alone["h0"] = inputs["h0"][:, b : b + 1]
+        if mode == "lstm":
+            alone["c0"] = inputs["c0"][:, b : b + 1]
+        ref_out, *ref_states = case.call("cpu", **alone)
+        torch.testing.assert_close(out[:n, b : b + 1], ref_out)
+        assert (out[n:, b] == 0).all()
+        for s, r in zip(states, ref_states):
+            torch.testing.assert_close(s[:, b : b + 1], r)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_matches_torch_nn(built, mode):
+    """The drop-in module on the cpu backend against torch.nn with the same weights."""
+    from turbolm.nn.rnn import GRU, LSTM, RNN
+    from turbolm.ops import use_backend
+
+    kinds = {"lstm": (LSTM, torch.nn.LSTM, {}), "gru": (GRU, torch.nn.GRU, {})}
+    kinds["rnn_tanh"] = (RNN, torch.nn.RNN, {})
+    kinds["rnn_relu"] = (RNN, torch.nn.RNN, {"nonlinearity": "relu"})
+    ours_cls, torch_cls, kwargs = kinds[mode]
+    torch.manual_seed(0)
+    ref = torch_cls(4, 6, 2, bidirectional=True, batch_first=True, **kwargs)
+    ours = ours_cls(4, 6, 2, bidirectional=True, batch_first=True, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 4)
+    with use_backend("cpu"):
+        out, _ = ours(x)
+    torch.testing.assert_close(out, ref(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_padded_steps_are_never_computed(built):
+    """The batch runs in decreasing-length order and each step only on the rows still running:
+    a NaN in a padded input step reaches neither outputs, states nor the input gradient.
+    (Weight gradients are single GEMMs over all steps with zero gradients at padded steps, so
+    padded inputs must be finite, as zero padding is.)"""
+    from turbolm.ops.rnn import lstm
+
+    torch.manual_seed(0)
+    module = torch.nn.LSTM(3, 4)
+    x = torch.randn(5, 3, 3)
+    x[3:, 1] = float("nan")
+    x.requires_grad_(True)
+    lengths = torch.tensor([5, 3, 4])
+    out, (h, c) = lstm(x, None, module._flat_weights, num_layers=1, lengths=lengths, backend="cpu")
+    assert torch.isfinite(out).all() and torch.isfinite(h).all() and torch.isfinite(c).all()
+    assert (out[3:, 1] == 0).all()
+    (grad,) = torch.autograd.grad(out.sum() + h.sum(), x)
+    assert torch.isfinite(grad[:3]).all() and (grad[3:, 1] == 0).all()
+
+
+# --- the registered ops ------------------------------------------------------------------------
+
+
+def _layer_args(mode, dtype, *, lengths, proj_size=0, bidirectional=True, bias=True):
+    gen = torch.Generator().manual_seed(3)
+    steps, batch, inp, hidden = 4, 3, 5, 6
+    dirs, out = (2 if bidirectional else 1), proj_size or hidden
+    gates = rnn_kernels.GATES[mode] * hidden
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    weights = []
+    for _ in range(dirs):
+        weights += [rnd(gates, inp), rnd(gates, out)]
+        weights += [rnd(gates), rnd(gates)] if bias else []
+        weights += [rnd(proj_size, hidden)] if proj_size else []
+    x, h0 = rnd(steps, batch, inp), rnd(dirs, batch, out)
+    c0 = rnd(dirs, batch, hidden) if mode == "lstm" else None
+    lens = random_lengths(gen, batch, steps) if lengths else None
+    return (x, h0, c0, lens, weights, mode, proj_size, bias, bidirectional)
+
+
+OPCHECK_LAYERS = [
+    ("lstm", {"lengths": True, "proj_size": 2}),
+    ("gru", {"lengths": True}),
+    ("rnn_tanh", {"lengths": False, "bidirectional": False, "bias": False}),
+]
+
+
+@pytest.mark.parametrize("mode,kwargs", OPCHECK_LAYERS, ids=[m for m, _ in OPCHECK_LAYERS])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_opcheck_layer_ops(built, mode, kwargs, dtype):
+    args = _layer_args(mode, dtype, **kwargs)
+    torch.library.opcheck(built.rnn_layer_fwd, args)
+    x, h0, c0, lens, weights, mode, proj_size, bias, bidirectional = args
+    y, h_n, c_n, ws, hprev, hraw = built.rnn_layer_fwd(*args)
+    dc_n = torch.randn_like(c_n) if mode == "lstm" else None
+    bwd_args = (
+        torch.randn_like(y),
+        torch.randn_like(h_n),
+        dc_n,
+        x,
+        h0,
+        c0,
+        lens,
+        weights,
+        ws,
+        hprev,
+        hraw,
+        mode,
+        proj_size,
+        bias,
+        bidirectional,
+    )
+    torch.library.opcheck(built.rnn_layer_bwd, bwd_args)
+    # absent output gradients (None) are zeros
+    torch.library.opcheck(built.rnn_layer_bwd, (None, None, None) + bwd_args[3:])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_cell_ops(built, mode):
+    gen = torch.Generator().manual_seed(4)
+    gates = rnn_kernels.GATES[mode] * 5
+    x, h = torch.randn(3, 4, generator=gen), torch.randn(3, 5, generator=gen)
+    c = torch.randn(3, 5, generator=gen) if mode == "lstm" else None
+    w_ih, w_hh = torch.randn(gates, 4, generator=gen), torch.randn(gates, 5, generator=gen)
+    b_ih, b_hh = torch.randn(gates, generator=gen), torch.randn(gates, generator=gen)
+    args = (x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+    torch.library.opcheck(built.rnn_cell_fwd, args)
+    h1, c1, ws, hprev = built.rnn_cell_fwd(*args)
+    dc = torch.randn_like(c1) if mode == "lstm" else None
+    torch.library.opcheck(
+        built.rnn_cell_bwd,
+        (torch.randn_like(h1), dc, x, h, c, w_ih, w_hh, b_ih, b_hh, ws, hprev, mode),
+    )
+    torch.library.opcheck(
+        built.rnn_cell_bwd, (None, None, x, h, c, w_ih, w_hh, None, None, ws, hprev, mode)
+    )
+
+
+@pytest.mark.parametrize(
+    "compile_backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+)
+def test_torch_compile_fullgraph(built, compile_backend):
+    """The functional op with the cpu backend compiles without graph breaks (the fake
+    implementations give the shapes), forward and backward. (Dynamo refuses nn.LSTM
+    subclasses themselves unless torch._dynamo.config.allow_rnn is set.)"""
+    from turbolm.ops import use_backend
+    from turbolm.ops.rnn import lstm
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    weights = [w.detach().requires_grad_(True) for w in torch.nn.LSTM(4, 6, 2)._flat_weights]
+    x = torch.randn(3, 5, 4)
+
+    def fn(x, *weights):
+        out, (h, c) = lstm(x, None, list(weights), num_layers=2, batch_first=True)
+        return out.square().sum() + h.sum() + c.sum()
+
+    with use_backend("cpu"):
+        expected = fn(x, *weights)
+        expected_grads = torch.autograd.grad(expected, weights)
+        compiled = torch.compile(fn, fullgraph=True, backend=compile_backend)
+        out = compiled(x, *weights)
+        grads = torch.autograd.grad(out, weights)
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_typed_errors_from_the_ops(built):
+    x, h0, c0, lens, weights, *rest = _layer_args("lstm", torch.float32, lengths=False)
+    with pytest.raises(ShapeError, match=r"h0 must have shape \(2, 3, 6\), got \(2, 3, 5\)"):
+        ext.call(built.rnn_layer_fwd, x, h0[..., :5], c0, lens, weights, *rest)
+    with pytest.raises(ShapeError, match=r"weights\[0\] must have shape"):
+        ext.call(built.rnn_layer_fwd, x, h0, c0, lens, [weights[0][:, :2]] + weights[1:], *rest)
+    with pytest.raises(Exception, match="lengths must be in"):
+        ext.call(built.rnn_layer_fwd, x, h0, c0, torch.tensor([1, 9, 2]), weights, *rest)
+
+
+# --- backend selection -------------------------------------------------------------------------
+
+
+def test_explicit_backends_explain_why_they_cannot_run(built):
+    from turbolm.ops.rnn import gru
+
+    x, w = torch.randn(3, 2, 4), list(torch.nn.GRU(4, 5)._flat_weights)
+    if not HAS_CUDA:
+        with pytest.raises(BackendError, match="'cuda'.*no CUDA device"):
+            gru(x, None, w, num_layers=1, backend="cuda")
+    cpu = registry.registered("gru")["cpu"]
+    assert "dtype int32 is not supported" in cpu.why_not(input=x.int(), weights=w)
+    assert "time-major" in cpu.why_not(input=x[0], weights=w)
+    assert cpu.why_not(input=x, weights=w) is None
+
+
+def test_auto_uses_cpu_only_when_built(built, monkeypatch):
+    x, w = torch.randn(3, 2, 4), list(torch.nn.GRU(4, 5)._flat_weights)
+    assert registry.select("gru", "cpu", None, input=x, weights=w).name == "cpu"
+    monkeypatch.setattr(ext, "_module", None)
+    monkeypatch.setattr(ext, "_built_cache", False)
+    monkeypatch.delenv("TURBOLM_BUILD_EXT", raising=False)
+    assert registry.select("gru", "cpu", None, input=x, weights=w).name == "torch"
+    reason = registry.registered("gru")["cpu"].why_not(input=x, weights=w)
+    assert reason is not None and "auto does not compile" in reason
+
+
+def test_explicit_request_may_build_auto_may_not(built, monkeypatch):
+    """select() tells the cpu backend whether it was named (may compile) or tried by auto."""
+    x, w = torch.randn(3, 2, 4), list(torch.nn.GRU(4, 5)._flat_weights)
+    seen = []
+    monkeypatch.setattr(ext, "is_built", lambda: False)
+    monkeypatch.setattr(rnn_kernels, "_ext_reason", lambda auto, ok: seen.append(auto) or "no")
+    monkeypatch.delenv("TURBOLM_BUILD_EXT", raising=False)
+    with pytest.raises(BackendError):
+        registry.select("gru", "cpu", "cpu", input=x, weights=w)
+    assert registry.select("gru", "cpu", None, input=x, weights=w).name == "torch"
+    assert seen == [False, True]
+
+
+# --- convergence -----------------------------------------------------------------------------
+
+
+def _train_losses(cell, backend, steps=100, device="cpu"):
+    from turbolm.models.rnn import RNNLM, RNNConfig
+    from turbolm.ops import use_backend
+
+    torch.manual_seed(0)
+    model = RNNLM(
+        RNNConfig(vocab_size=24, cell=cell, n_layer=2, d_embed=12, d_hidden=16, context=12)
+    ).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randint(0, 24, (steps, 4, 13), generator=gen)
+    data[:, :, 1::2] = (data[:, :, 0::2][:, :, : data[:, :, 1::2].shape[-1]] * 5 + 3) % 24
+    data = data.to(device)
+    losses = []
+    with use_backend({"lstm": backend, "gru": backend}):
+        for batch in data:
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_rnnlm_converges_like_reference(built, cell):
+    ref = _train_losses(cell, "reference")
+    ours = _train_losses(cell, "cpu")
+    assert ref[-1] < ref[0] - 0.2  # it learns
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-3, atol=1e-4)
+
+
+# --- GPU ---------------------------------------------------------------------------------------
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_gpu_backends(backend, mode, dtype, monkeypatch):
+    if dtype == torch.bfloat16 and mode == "rnn_relu":
+        pytest.skip(RELU_BF16_SKIP)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    for lengths in (False, True):
+        proj_size = 5 if mode == "lstm" else 0
+        for case in (
+            seq_case(mode, 2, True, 5, 7, 33, lengths=lengths, proj_size=proj_size),
+            seq_case(mode, 1, False, 64, 20, 256, lengths=lengths),
+        ):
+            case.atol = BF16_ATOL
+            check_backend(case, backend, dtype, device="cuda")
+    cell = cell_case(mode, 5, 33)
+    cell.atol = BF16_ATOL
+    check_backend(cell, backend, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_gpu_rnnlm_converges_like_reference(backend, cell):
+    torch.manual_seed(0)
+    ref = _train_losses(cell, "reference", device="cuda")
+    ours = _train_losses(cell, backend, device="cuda")
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-3, atol=1e-4)
+
+
+# --- Triton (interpreter on CPU; a GPU runs test_gpu_backends) ---------------------------------
+
+requires_triton_cpu = pytest.mark.skipif(
+    HAS_CUDA or not rnn_kernels.triton_interpreting() or rnn_kernels._triton_available(),
+    reason="Triton on CPU tensors needs TRITON_INTERPRET=1 and no GPU (GPU: test_gpu_backends)",
+)
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_interpreter(mode):
+    """Tiny shapes: every program of the interpreter runs in Python."""
+    proj_size = 4 if mode == "lstm" else 0
+    for case in (
+        seq_case(mode, 2, True, 5, 4, 9, lengths=True, proj_size=proj_size),
+        seq_case(mode, 1, False, 3, 3, 5, with_hx=False, bias=False),
+    ):
+        check_backend(case, "triton", torch.float32)
+    check_backend(cell_case(mode, 3, 7), "triton", torch.float32)
+    check_backend(cell_case(mode, 2, 5, bias=False, with_hx=False), "triton", torch.float32)
+
+
+@requires_triton_cpu
+def test_triton_interpreter_bfloat16():
+    case = seq_case("gru", 1, True, 3, 3, 6, lengths=True)
+    case.atol = BF16_ATOL
+    check_backend(case, "triton", torch.bfloat16)
+
+
+@requires_triton_cpu
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_interpreter_sweep(mode):
+    for layers, bidirectional, batch, steps, hidden in itertools.product(
+        (1, 3), (False, True), (1, 5), (1, 7), (1, 33)
+    ):
+        case = seq_case(mode, layers, bidirectional, batch, steps, hidden)
+        check_backend(case, "triton", torch.float32)
