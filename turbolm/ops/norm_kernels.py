@@ -30,13 +30,11 @@ A backend named explicitly never falls back: ``supports`` returns the reason (dt
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import torch
 
-from turbolm.ops import registry
+from turbolm.ops import registry, triton_support
 
 # Backends whose kernels fuse `residual=` (y = norm(x + residual)); the others add first.
 FUSED_RESIDUAL = frozenset({"triton"})
@@ -76,17 +74,11 @@ def _kn():
 
 
 def triton_interpreting() -> bool:
-    """Whether the Triton kernels run under the interpreter (fixed when they are imported)."""
-    module = sys.modules.get("turbolm.kernels.norm")
-    if module is not None:
-        return bool(module.INTERPRET)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the norm Triton kernels run under the interpreter (fixed when imported)."""
+    return triton_support.triton_interpreting("turbolm.kernels.norm")
 
 
-def _triton_available() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    return None
+_triton_available = triton_support.triton_available
 
 
 def _triton_supports(x, weight=None, bias=None, **_) -> str | None:

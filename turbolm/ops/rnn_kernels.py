@@ -24,13 +24,11 @@ explicitly never falls back: ``supports`` returns the reason and the registry ra
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import torch
 
-from turbolm.ops import registry
+from turbolm.ops import registry, triton_support
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 SAVED = {"lstm": 5, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}  # saved values per unit (rnn_math.h)
@@ -340,17 +338,11 @@ def _kr():
 
 
 def triton_interpreting() -> bool:
-    """Whether the Triton kernels run under the interpreter (fixed when they are imported)."""
-    module = sys.modules.get("turbolm.kernels.rnn")
-    if module is not None:
-        return bool(module.INTERPRET)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the rnn Triton kernels run under the interpreter (fixed when imported)."""
+    return triton_support.triton_interpreting("turbolm.kernels.rnn")
 
 
-def _triton_available() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    return None
+_triton_available = triton_support.triton_available
 
 
 def _triton_tensor_reason(x) -> str | None:
