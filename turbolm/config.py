@@ -341,16 +341,23 @@ def _parse_override_value(raw: str, tp: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a mapping (an empty file is an empty mapping)."""
+def read_config_text(path: str | Path, label: str = "config file") -> str:
+    """Text of a config file; ``ConfigError`` naming ``label`` and the path if it is missing,
+    a directory or unreadable (shared by the YAML run config and DeepSpeed JSON configs)."""
     p = Path(path)
     if not p.is_file():
         what = "is a directory, not a file" if p.is_dir() else "does not exist"
-        raise ConfigError(f"config file {str(p)!r} {what}")
+        raise ConfigError(f"{label} {str(p)!r} {what}")
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {str(p)!r}: {e}") from e
+        raise ConfigError(f"cannot read {label} {str(p)!r}: {e}") from e
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping (an empty file is an empty mapping)."""
+    p = Path(path)
+    text = read_config_text(p)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

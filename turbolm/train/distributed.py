@@ -79,7 +79,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from turbolm.config import RunConfig
+from turbolm.config import RunConfig, read_config_text
 from turbolm.data.loader import val_batches
 from turbolm.errors import CheckpointError, ConfigError, DataError, InputError, TurboLMError
 from turbolm.train.checkpoint import (
@@ -247,13 +247,7 @@ def _free_port() -> int:
 def read_ds_json(path: str | Path) -> dict[str, Any]:
     """Parse a DeepSpeed JSON config file; ``ConfigError`` with the position of a syntax error."""
     p = Path(path)
-    if not p.is_file():
-        what = "is a directory, not a file" if p.is_dir() else "does not exist"
-        raise ConfigError(f"train.deepspeed: DeepSpeed config {str(p)!r} {what}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"train.deepspeed: cannot read {str(p)!r}: {e}") from e
+    text = read_config_text(p, "train.deepspeed: DeepSpeed config")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
