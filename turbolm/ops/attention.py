@@ -461,3 +461,7 @@ def attention(
     }
     cu_q, cu_k = varlen if varlen else (None, None)
     return run_backend(chosen, (q, k, v, attn_mask, cu_q, cu_k), params)
+
+
+# The decode backends (cpu / cuda) register themselves; registering builds nothing.
+from turbolm.ops import decode_kernels as _decode_kernels  # noqa: E402, F401
