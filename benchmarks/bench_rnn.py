@@ -8,6 +8,12 @@ the output against the fp64 reference on the same inputs. Implementations:
 * ``torch.nn``: ``torch.nn.LSTM`` / ``GRU`` (cuDNN on GPU; oneDNN for the CPU LSTM, ATen's
   native loop for the CPU GRU);
 * ``cell-loop``: ``torch.nn.LSTMCell`` / ``GRUCell`` called once per step from Python (unfused);
+* ``turbolm-layernorm``: ``turbolm.nn.LSTM`` / ``GRU`` with ``layer_norm=True`` (the
+  LayerNorm-LSTM / -GRU of Ba et al. 2016: other math, so its error is against the same module
+  in fp64; a Python time loop, LayerNorms through turbolm's norm op, ``auto`` backend);
+  ``--no-layernorm`` leaves it out. The LayerNorm-LSTM with unit gains is a sensitive
+  recurrence: its fp32 error grows along time (to ~1e-3 at T=128) for a plain fp32
+  implementation too (tests/test_layernorm_rnn.py holds it to the harness bound);
 * ``turbolm-cpu`` / ``turbolm-cuda`` / ``turbolm-triton``: ``turbolm.nn.LSTM`` / ``GRU`` on that
   backend (those that can run on the device).
 
@@ -92,10 +98,21 @@ def cell_loop(cell: str, module, x):
     return torch.stack(outs)
 
 
-def implementations(cell: str, device: str, hidden: int, dtype):
-    """name -> (forward fn(x) -> y, parameters), for what can run here."""
+def layernorm_module(cell: str, ref, device, dtype):
+    """The layer_norm=True twin of ``ref`` (same torch.nn weights; LayerNorm gains 1, shifts 0)."""
+    from turbolm.nn.rnn import GRU, LSTM
+
+    cls = LSTM if cell == "lstm" else GRU
+    module = cls(ref.input_size, ref.hidden_size, layer_norm=True).to(device, dtype)
+    module.load_state_dict(ref.state_dict(), strict=False)
+    return module
+
+
+def implementations(cell: str, device: str, hidden: int, dtype, layernorm: bool = True):
+    """name -> (forward fn(x) -> y, parameters, fp64 reference fn or None), for what can run here
+    (None: the plain cell's fp64 reference)."""
     ref, ours, loop = make_modules(cell, hidden, device, dtype)
-    impls = {"torch.nn": (lambda x: ref(x)[0], list(ref.parameters()))}
+    impls = {"torch.nn": (lambda x: ref(x)[0], list(ref.parameters()), None)}
     probe = torch.zeros(2, 1, hidden, device=device, dtype=dtype)
     for name in KERNEL_BACKENDS:
         backend = registry.registered(cell).get(name)
@@ -108,10 +125,19 @@ def implementations(cell: str, device: str, hidden: int, dtype):
                 with use_backend(name):
                     return ours(x)[0]
 
-            impls[f"turbolm-{name}"] = (run, list(ours.parameters()))
+            impls[f"turbolm-{name}"] = (run, list(ours.parameters()), None)
         else:
             print(f"  skip turbolm-{name}: {reason}", file=sys.stderr)
-    impls["cell-loop"] = (lambda x: cell_loop(cell, loop, x), list(loop.parameters()))
+    impls["cell-loop"] = (lambda x: cell_loop(cell, loop, x), list(loop.parameters()), None)
+    if layernorm:
+        ln = layernorm_module(cell, ref, device, dtype)
+        ln64 = layernorm_module(cell, ref, device, torch.float64)
+        ln64.load_state_dict(ln.state_dict())
+        impls["turbolm-layernorm"] = (
+            lambda x: ln(x)[0],
+            list(ln.parameters()),
+            lambda x: ln64(x.double())[0],
+        )
     return impls, ref
 
 
@@ -125,10 +151,13 @@ def cpu_time_ms(fn, reps: int) -> float:
     return min(times)
 
 
-def max_error(fn, ref_module, x) -> float:
-    """max |y - y_fp64| of one forward, the reference computed in fp64 from the same weights."""
+def max_error(fn, ref_module, x, ref_fn=None) -> float:
+    """max |y - y_fp64| of one forward, the reference computed in fp64 from the same weights
+    (``ref_fn(x)`` when given, else the plain cell's reference from ``ref_module``'s weights)."""
     with torch.no_grad():
         y = fn(x).double()
+        if ref_fn is not None:
+            return (y - ref_fn(x)).abs().max().item()
         weights = [w.double() for w in ref_module._flat_weights]
         h0 = x.new_zeros(1, x.shape[1], ref_module.hidden_size, dtype=torch.float64)
         mode = "lstm" if isinstance(ref_module, torch.nn.LSTM) else "gru"
@@ -142,13 +171,13 @@ def bench(args) -> list[dict]:
     rows = []
     for cell, (batch, steps, hidden) in itertools.product(args.cells, parse_sizes(args.sizes)):
         print(f"{cell} B{batch} T{steps} H{hidden}", file=sys.stderr)
-        impls, ref_module = implementations(cell, device, hidden, dtype)
+        impls, ref_module = implementations(cell, device, hidden, dtype, not args.no_layernorm)
         gen = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(steps, batch, hidden, generator=gen).to(device, dtype)
         x.requires_grad_(True)
         dy = torch.randn(steps, batch, hidden, generator=gen).to(device, dtype)
         results = {}
-        for name, (fn, params) in impls.items():
+        for name, (fn, params, ref_fn) in impls.items():
             if name == "cell-loop" and steps * hidden > args.max_loop:
                 continue  # minutes per call on CPU; --max-loop to include
 
@@ -179,7 +208,7 @@ def bench(args) -> list[dict]:
             sync(device)
             row["peak_mem_mb"] = peak_memory_mb(fwd_bwd, device) if not args.no_memory else None
             row["max_err_vs_fp64"] = (
-                max_error(fn, ref_module, x) if not args.no_error else float("nan")
+                max_error(fn, ref_module, x, ref_fn) if not args.no_error else float("nan")
             )
             results[name] = row
             rows.append(row)
@@ -236,6 +265,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-error", action="store_true")
+    parser.add_argument("--no-layernorm", action="store_true", help="leave out layer_norm=True")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<device>)")
     parser.add_argument("--name", default="rnn", help="result file name (<name>.csv / .md)")
     args = parser.parse_args(argv)
@@ -253,6 +283,9 @@ def main(argv=None) -> int:
         "forward (grad enabled), fwd_bwd = forward + gradients of input and weights.",
         "Times: median and min (ms) over the repeats; ktok_per_s from the fwd_bwd median.",
         f"Load average when the run started: {load} (1, 5, 15 min).",
+        "turbolm-layernorm is a different model (LayerNorm-LSTM/GRU, Python time loop): its "
+        "speedup is the price of the LayerNorms against plain torch.nn, its error is against "
+        "itself in fp64.",
     ]
     if args.device == "cpu":
         notes.append(

@@ -82,6 +82,7 @@ class ModelConfig:
     # RNN only
     cell: Literal["lstm", "gru", "rnn_tanh", "rnn_relu"] = "lstm"
     d_hidden: int = 512
+    rnn_layer_norm: bool = False  # LayerNorm-LSTM / -GRU (cell lstm or gru)
 
 
 @dataclass
@@ -481,6 +482,13 @@ def _rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         rules += _transformer_rules(m)
     else:
         rules += [("model.d_hidden", m.d_hidden >= 1, "must be >= 1")]
+        rules += [
+            (
+                "model.rnn_layer_norm",
+                not m.rnn_layer_norm or m.cell in ("lstm", "gru"),
+                f"needs model.cell 'lstm' or 'gru' (got {m.cell!r})",
+            )
+        ]
     rules += [
         ("train.out_dir", bool(t.out_dir.strip()), "must not be empty"),
         ("train.seed", 0 <= t.seed < 2**32, "must be >= 0 and < 2**32"),
@@ -636,5 +644,7 @@ def model_kwargs(model: ModelConfig, vocab_size: int) -> dict[str, Any]:
             "dropout": model.dropout,
             "tie_embeddings": model.tie_embeddings,
             "context": model.context,
+            # only when on, so plain RNN model args (and checkpoints) stay as they were
+            **({"layer_norm": True} if model.rnn_layer_norm else {}),
         }
     raise ConfigError(f"config key 'model.arch' must be 'transformer' or 'rnn', got {model.arch!r}")

@@ -7,6 +7,10 @@ modules running turbolm's op backends), batch first, with dropout between layers
 d_embed) in front of the output layer, so the common "small embedding, wide recurrent state"
 shape can still tie; untied models never have it.
 
+``layer_norm`` (LSTM / GRU only) makes the recurrent stack the layer-normalised LSTM / GRU of
+Ba et al. 2016 (``turbolm.nn.LSTM(..., layer_norm=True)``; formulas in
+``turbolm/ops/layernorm_rnn.py``): a Python loop over time, slower than the fused plain cells.
+
 ``context`` is the training sequence length; the model itself has no length limit (``step``
 carries the hidden state indefinitely).
 """
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from turbolm.errors import InputError
+from turbolm.errors import ConfigError, InputError
 from turbolm.models.common import (
     check_bool,
     check_choice,
@@ -32,6 +36,7 @@ from turbolm.models.common import (
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}  # weight blocks per layer
 INIT_RANGE = 0.1
+LAYER_NORM_CELLS = ("lstm", "gru")  # cells with a layer_norm variant
 
 HiddenState = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
@@ -48,6 +53,7 @@ class RNNConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     context: int = 256
+    layer_norm: bool = False  # LayerNorm-LSTM / -GRU (Ba et al. 2016); lstm and gru only
 
     def __post_init__(self):
         cls = type(self).__name__
@@ -56,6 +62,11 @@ class RNNConfig:
         check_choice(cls, "cell", self.cell, CELLS)
         check_float(cls, "dropout", self.dropout, 0.0, 1.0, high_open=True)
         check_bool(cls, "tie_embeddings", self.tie_embeddings)
+        check_bool(cls, "layer_norm", self.layer_norm)
+        if self.layer_norm and self.cell not in LAYER_NORM_CELLS:
+            raise ConfigError(
+                f"{cls}.layer_norm=True needs cell in {LAYER_NORM_CELLS}, got {self.cell!r}"
+            )
 
     @property
     def projects(self) -> bool:
@@ -74,9 +85,9 @@ def _recurrent_stack(config: RNNConfig) -> nn.Module:
         dropout=config.dropout if config.n_layer > 1 else 0.0,  # only between layers
     )
     if config.cell == "lstm":
-        return LSTM(**kwargs)
+        return LSTM(layer_norm=config.layer_norm, **kwargs)
     if config.cell == "gru":
-        return GRU(**kwargs)
+        return GRU(layer_norm=config.layer_norm, **kwargs)
     return RNN(nonlinearity=config.cell.removeprefix("rnn_"), **kwargs)
 
 

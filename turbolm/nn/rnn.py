@@ -6,6 +6,12 @@ Sequence modules accept what torch.nn's do: a padded tensor (T, B, I) / (B, T, I
 ``batch_first``, an unbatched (T, I) tensor, or a ``PackedSequence``. A PackedSequence is
 unpacked to a padded tensor plus ``lengths``, run through the op, and repacked with the input's
 own ``batch_sizes`` / ``sorted_indices`` so the result is laid out exactly as torch.nn's.
+
+``LSTM`` and ``GRU`` take two extra keyword arguments: ``layer_norm=True`` makes them the
+layer-normalised recurrences of Ba et al. 2016 (formulas, parameters and implementation in
+``turbolm/ops/layernorm_rnn.py``) and ``layer_norm_eps`` (1e-5) is their LayerNorm epsilon.
+With the default ``layer_norm=False`` the modules, their parameters and ``state_dict`` are
+exactly torch.nn's.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from turbolm.errors import InputError
+from turbolm.ops.layernorm_rnn import DEFAULT_EPS, layernorm_gru, layernorm_lstm, ln_weight_names
 from turbolm.ops.rnn import gru, gru_cell, lstm, lstm_cell, rnn, rnn_cell
 
 
@@ -46,17 +54,116 @@ def _sequence_forward(module: torch.nn.RNNBase, op, input, hx, **extra):
     return _repack(output, lengths, input, module.batch_first), hidden
 
 
-class LSTM(torch.nn.LSTM):
-    """``torch.nn.LSTM`` running ``turbolm.ops.lstm``. Returns ``(output, (h_n, c_n))``."""
+class _LayerNormOption:
+    """The ``layer_norm`` option of :class:`LSTM` / :class:`GRU` (mixed in before torch.nn's).
+
+    With ``layer_norm=True`` the module gets, per layer and direction, the LayerNorm gains
+    (init 1) and shifts (init 0) ``ln_ih_weight_l{k}``, ``ln_ih_bias_l{k}``,
+    ``ln_hh_weight_l{k}``, ``ln_hh_bias_l{k}`` (4H / 3H wide) and, for the LSTM,
+    ``ln_c_weight_l{k}``, ``ln_c_bias_l{k}`` (H wide), ``_reverse`` for the reverse direction.
+    They are ordinary parameters (not in ``_flat_weights``), so a plain torch.nn checkpoint
+    loads only with ``strict=False``.
+    """
+
+    _mode: str
+
+    def _init_layer_norm(self, layer_norm, layer_norm_eps) -> None:
+        if not isinstance(layer_norm, bool):
+            raise InputError(f"layer_norm must be True or False, got {layer_norm!r}")
+        ok = isinstance(layer_norm_eps, (int, float)) and not isinstance(layer_norm_eps, bool)
+        if not (ok and 0 <= layer_norm_eps < float("inf")):
+            raise InputError(f"layer_norm_eps must be a finite number >= 0, got {layer_norm_eps!r}")
+        self.layer_norm = layer_norm
+        self.layer_norm_eps = float(layer_norm_eps)
+        self._ln_names: list[str] = []
+        if not layer_norm:
+            return
+        if getattr(self, "proj_size", 0):
+            raise InputError(
+                f"layer_norm=True does not support proj_size (got {self.proj_size}); "
+                "use proj_size=0"
+            )
+        like = self.weight_ih_l0
+        gates = like.shape[0]
+        self._ln_names = ln_weight_names(self._mode, self.num_layers, self.bidirectional)
+        for name in self._ln_names:
+            size = self.hidden_size if name.startswith("ln_c_") else gates
+            self.register_parameter(
+                name, torch.nn.Parameter(torch.empty(size, device=like.device, dtype=like.dtype))
+            )
+        self._reset_layer_norm()
+
+    def _reset_layer_norm(self) -> None:
+        with torch.no_grad():
+            for name in getattr(self, "_ln_names", ()):
+                getattr(self, name).fill_(1.0 if "_weight_" in name else 0.0)
+
+    def reset_parameters(self) -> None:
+        """torch.nn's init (uniform +-1/sqrt(H)) for the torch.nn weights; LayerNorm 1 / 0."""
+        super().reset_parameters()  # re-draws every parameter, the LayerNorm ones included
+        self._reset_layer_norm()
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + ", layer_norm=True" if getattr(self, "layer_norm", False) else text
+
+    def _forward_layer_norm(self, op, input, hx):
+        ln_weights = [getattr(self, name) for name in self._ln_names]
+        return _sequence_forward(
+            self, op, input, hx, ln_weights=ln_weights, eps=self.layer_norm_eps
+        )
+
+
+class LSTM(_LayerNormOption, torch.nn.LSTM):
+    """``torch.nn.LSTM`` running ``turbolm.ops.lstm``. Returns ``(output, (h_n, c_n))``.
+
+    ``layer_norm=True``: the LayerNorm-LSTM of Ba et al. 2016 (``turbolm.ops.layernorm_lstm``)::
+
+        i, f, g, o = chunk4(LN(x W_ih^T) + b_ih + LN(h W_hh^T) + b_hh)
+        c' = sigmoid(f) * c + sigmoid(i) * tanh(g);   h' = sigmoid(o) * tanh(LN(c'))
+
+    each LN with its own gain/shift (``ln_ih_*``, ``ln_hh_*`` over 4H, ``ln_c_*`` over H);
+    not with ``proj_size``.
+    """
+
+    _mode = "lstm"
+
+    def __init__(
+        self, *args, layer_norm: bool = False, layer_norm_eps: float = DEFAULT_EPS, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self._init_layer_norm(layer_norm, layer_norm_eps)
 
     def forward(self, input, hx=None):
+        if getattr(self, "layer_norm", False):
+            return self._forward_layer_norm(layernorm_lstm, input, hx)
         return _sequence_forward(self, lstm, input, hx, proj_size=self.proj_size)
 
 
-class GRU(torch.nn.GRU):
-    """``torch.nn.GRU`` running ``turbolm.ops.gru``. Returns ``(output, h_n)``."""
+class GRU(_LayerNormOption, torch.nn.GRU):
+    """``torch.nn.GRU`` running ``turbolm.ops.gru``. Returns ``(output, h_n)``.
+
+    ``layer_norm=True``: the LayerNorm-GRU (``turbolm.ops.layernorm_gru``), torch.nn.GRU's
+    reset-gate placement kept::
+
+        x_r, x_z, x_n = chunk3(LN(x W_ih^T) + b_ih);  h_r, h_z, h_n = chunk3(LN(h W_hh^T) + b_hh)
+        r = sigmoid(x_r + h_r);  z = sigmoid(x_z + h_z);  n = tanh(x_n + r * h_n)
+        h' = (1 - z) * n + z * h
+
+    each LN with its own gain/shift over 3H (``ln_ih_*``, ``ln_hh_*``).
+    """
+
+    _mode = "gru"
+
+    def __init__(
+        self, *args, layer_norm: bool = False, layer_norm_eps: float = DEFAULT_EPS, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self._init_layer_norm(layer_norm, layer_norm_eps)
 
     def forward(self, input, hx=None):
+        if getattr(self, "layer_norm", False):
+            return self._forward_layer_norm(layernorm_gru, input, hx)
         return _sequence_forward(self, gru, input, hx)
 
 
