@@ -1,5 +1,5 @@
 """LayerNorm / RMSNorm benchmark: every available backend, torch.compile and installed peer
-libraries (Liger-Kernel), over a rows x N sweep.
+libraries (Liger-Kernel, NVIDIA Apex), over a rows x N sweep.
 
 For each (op, dtype, rows x N, backend): forward, backward and forward+backward time (median),
 achieved GB/s (ideal traffic: forward reads x and writes y, backward reads dy and x and writes
@@ -10,15 +10,21 @@ memory-bound kernels.
 
     python benchmarks/bench_norm.py                 # GPU if present, else CPU; standard sizes
     python benchmarks/bench_norm.py --device cpu --threads 2 --sizes 4096x768,1024x4096
+    python benchmarks/bench_norm.py --dry-run --out /tmp/x   # tiny CPU run of every code path
 
-Writes ``norm.csv`` / ``norm.md`` (and ``norm.png`` with matplotlib) under
-``benchmarks/results/<device>/`` (``--out`` to change).
+Writes ``norm.csv`` / ``norm.md`` (and ``norm.png`` with matplotlib, the ``bench`` extra)
+under ``benchmarks/results/<device>/`` (``--out`` to change). Peer libraries are imported only
+when installed and run only on a GPU (Liger-Kernel: ``liger_kernel.ops``' autograd functions;
+Apex: ``apex.normalization.fused_layer_norm``'s ``fused_layer_norm_affine`` /
+``fused_rms_norm_affine``); otherwise the table gets one row per op saying why not.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import functools
+import importlib
+import inspect
 import sys
 from pathlib import Path
 
@@ -45,8 +51,33 @@ EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+PEERS = ("liger", "apex")
+
+
+def _liger_fn(op: str, eps: float):
+    if op == "layer_norm":
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+        return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, eps)
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    # Newer Liger takes (X, W, eps, offset, casting_mode, in_place, ...): ask for an
+    # out-of-place backward (in place, it would overwrite dy, which the benchmark reuses).
+    # Older versions take (X, W, eps[, offset]) and always work in place.
+    params = inspect.signature(LigerRMSNormFunction.forward).parameters
+    if "in_place" in params:
+        return lambda x, w: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)
+    return lambda x, w: LigerRMSNormFunction.apply(x, w, eps)
+
+
+def _apex_fn(op: str, n: int, eps: float):
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+
+    if op == "layer_norm":
+        return lambda x, w, b: fused_layer_norm_affine(x, w, b, (n,), eps)
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+
+    return lambda x, w: fused_rms_norm_affine(x, w, (n,), eps)
 
 
 def backend_fn(op: str, backend: str, n: int):
@@ -57,16 +88,22 @@ def backend_fn(op: str, backend: str, n: int):
             return torch.compile(lambda x, w, b: layer_norm(x, n, w, b, eps, backend="torch"))
         return torch.compile(lambda x, w: rms_norm(x, n, w, eps, backend="torch"))
     if backend == "liger":
-        if op == "layer_norm":
-            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-
-            return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, eps)
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-
-        return lambda x, w: LigerRMSNormFunction.apply(x, w, eps)
+        return _liger_fn(op, eps)
+    if backend == "apex":
+        return _apex_fn(op, n, eps)
     if op == "layer_norm":
         return lambda x, w, b: layer_norm(x, n, w, b, eps, backend=backend)
     return lambda x, w: rms_norm(x, n, w, eps, backend=backend)
+
+
+def _import_error(*modules: str) -> str | None:
+    """None if every module imports, else "not installed (...)"."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # ImportError, or a broken install failing on import
+            return f"not installed ({module}: {type(exc).__name__}: {exc})".strip()
+    return None
 
 
 def why_not(op: str, backend: str, device: str, dtype: torch.dtype) -> str | None:
@@ -74,7 +111,13 @@ def why_not(op: str, backend: str, device: str, dtype: torch.dtype) -> str | Non
     if backend == "compile":
         return None
     if backend == "liger":
-        return None if device != "cpu" and _has("liger_kernel") else "liger_kernel not usable"
+        reason = _import_error("liger_kernel.ops.layer_norm", "liger_kernel.ops.rms_norm")
+        return reason or ("needs a CUDA GPU (Triton kernels)" if device == "cpu" else None)
+    if backend == "apex":
+        # apex's Python package alone is not enough: the fused kernels are the compiled
+        # fused_layer_norm_cuda extension (PyPI's "apex" is an unrelated package).
+        reason = _import_error("apex.normalization.fused_layer_norm", "fused_layer_norm_cuda")
+        return reason or ("needs a CUDA GPU" if device == "cpu" else None)
     registered = registry.registered(op)
     if backend not in registered:
         return "not registered"
@@ -101,18 +144,25 @@ def errors_vs_fp64(op, fn, inputs):
     *params, dy = inputs
     n = params[0].shape[-1]
     y = fn(*params)
-    grads = torch.autograd.grad(y, params, dy)
+    dy_ref = dy.double()  # before the backward: some peers (old Liger RMSNorm) overwrite dy
+    grads = torch.autograd.grad(y, params, dy.clone())
     ref_params = [p.detach().double().requires_grad_() for p in params]
     if op == "layer_norm":
         ref = layer_norm_reference(ref_params[0], (n,), *ref_params[1:], EPS[op])
     else:
         ref = rms_norm_reference(ref_params[0], (n,), ref_params[1], EPS[op])
-    ref_grads = torch.autograd.grad(ref, ref_params, dy.double())
+    ref_grads = torch.autograd.grad(ref, ref_params, dy_ref)
 
     def err(a, b):
         return (a.double() - b).abs().max().item()
 
     return err(y, ref), err(grads[0], ref_grads[0]), err(grads[1], ref_grads[1])
+
+
+ROW_COLUMNS = (
+    "op dtype rows N backend fwd_ms bwd_ms fwd_bwd_ms fwd_bwd_min_ms fwd_GBps bwd_GBps "
+    "fwd_bwd_GBps pct_of_copy peak_MB err_y err_dx err_dw note"
+).split()
 
 
 def measure(op, backend, rows, n, dtype, device, reps, ceiling):
@@ -165,41 +215,53 @@ def measure(op, backend, rows, n, dtype, device, reps, ceiling):
         "err_y": err_y,
         "err_dx": err_dx,
         "err_dw": err_dw,
+        "note": "",
     }
 
 
-def plot(rows, path):
+def not_run_row(op, dtype, backend, reason):
+    """A table row for a backend that did not run here (e.g. a peer library not installed)."""
+    nan = float("nan")
+    row = dict.fromkeys(ROW_COLUMNS, nan)
+    row.update(op=op, dtype=str(dtype).replace("torch.", ""), rows=None, N=None)
+    row.update(backend=backend, note=f"not run: {reason}")
+    return row
+
+
+def plot(rows, path, ceiling=None):
+    """One panel per (op, dtype): fwd+bwd GB/s of every backend over the sizes, with the
+    measured copy bandwidth as a dashed line. Needs matplotlib (ImportError otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["rows"] is not None]  # measured rows only
     groups = sorted({(r["op"], r["dtype"]) for r in rows})
+    if not groups:
+        return
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (op, dtype) in zip(axes[0], groups):
         sel = [r for r in rows if r["op"] == op and r["dtype"] == dtype]
-        sizes = sorted({(r["rows"], r["N"]) for r in sel}, key=lambda s: s[1])
+        sizes = sorted({(r["rows"], r["N"]) for r in sel}, key=lambda s: (s[1], s[0]))
         for backend in sorted({r["backend"] for r in sel}):
-            ys = [
-                next(
-                    (
-                        r["fwd_bwd_GBps"]
-                        for r in sel
-                        if r["backend"] == backend and (r["rows"], r["N"]) == s
-                    ),
-                    float("nan"),
-                )
-                for s in sizes
-            ]
+            by_size = {
+                (r["rows"], r["N"]): r["fwd_bwd_GBps"] for r in sel if r["backend"] == backend
+            }
+            ys = [by_size.get(size, float("nan")) for size in sizes]
             ax.plot(range(len(sizes)), ys, marker="o", label=backend)
+        if ceiling:
+            ax.axhline(ceiling, color="gray", linestyle="--", label="copy bandwidth")
         ax.set_xticks(range(len(sizes)), [f"{r}x{n}" for r, n in sizes], rotation=30)
-        ax.set_title(f"{op} {dtype}: fwd+bwd GB/s")
-        ax.legend()
+        ax.set_ylabel("GB/s (ideal traffic)")
+        ax.set_title(f"{op} {dtype}: fwd+bwd")
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", default="layer_norm,rms_norm")
@@ -214,7 +276,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--backends",
         default=None,
-        help="default: everything available (torch, compile, triton, cuda, cpu, liger)",
+        help="default: everything (torch, compile, triton, cuda / cpu, liger, apex); "
+        "what cannot run here gets a 'not run' row",
     )
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument(
@@ -224,7 +287,20 @@ def main(argv=None) -> int:
         "--out", default=None, help="output folder (default benchmarks/results/<device>)"
     )
     parser.add_argument("--name", default="norm")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny CPU run (torch, reference, peers' 'not run' rows) of every code path, "
+        "including the result files and the plot; needs --out",
+    )
     args = parser.parse_args(argv)
+    if args.dry_run:
+        if not args.out:
+            parser.error("--dry-run needs --out (it must not overwrite committed results)")
+        args.device, args.reps = "cpu", 3
+        args.sizes = args.sizes or "64x96,33x257"
+        args.dtypes = args.dtypes or "float32"
+        args.backends = args.backends or "torch,reference,liger,apex"
 
     set_threads(args.threads)
     # The backward timing replays kept graphs (retain_graph), which compiled graphs allow only
@@ -238,14 +314,12 @@ def main(argv=None) -> int:
     dtypes = [
         DTYPES[d] for d in (args.dtypes or ("bfloat16" if gpu else "float32,bfloat16")).split(",")
     ]
-    wanted = (
-        args.backends.split(",")
-        if args.backends
-        else (
-            ["torch", "compile", "triton", "cuda", "liger"] if gpu else ["torch", "compile", "cpu"]
-        )
-    )
-    ceiling = copy_bandwidth_gbs(device)
+    if args.backends:
+        wanted = args.backends.split(",")
+    else:
+        wanted = ["torch", "compile", "triton", "cuda"] if gpu else ["torch", "compile", "cpu"]
+        wanted += list(PEERS)
+    ceiling = copy_bandwidth_gbs(device, 16 * 2**20 if args.dry_run else 256 * 2**20)
     print(f"copy bandwidth ceiling: {ceiling:.1f} GB/s")
     results, skipped = [], {}
     for op in args.ops.split(","):
@@ -256,6 +330,8 @@ def main(argv=None) -> int:
                 backends.append(backend)
             else:
                 skipped[backend] = reason
+                results += [not_run_row(op, dtype, backend, reason) for dtype in dtypes]
+                print(f"{op:10s} {backend:8s} not run: {reason}", flush=True)
         for dtype in dtypes:
             for rows, n in sizes:
                 for backend in backends:
@@ -268,6 +344,7 @@ def main(argv=None) -> int:
                         f"err y {row['err_y']:.2g} dx {row['err_dx']:.2g} dw {row['err_dw']:.2g}",
                         flush=True,
                     )
+    measured = [r for r in results if r["rows"] is not None]
     notes = [
         f"Measured copy bandwidth (ceiling): {ceiling:.1f} GB/s; pct_of_copy is fwd+bwd GB/s over it.",
         "Times are medians (fwd_bwd_min_ms: the minimum); GB/s counts ideal traffic "
@@ -278,13 +355,30 @@ def main(argv=None) -> int:
     ]
     if not gpu:
         notes.append("CPU numbers from a shared machine are noisy: compare fwd_bwd_min_ms as well.")
+    notes += ratio_notes(measured)
     notes += [f"Not run: {b} ({r})" for b, r in skipped.items()]
-    folder = write_results(
-        results, device, args.name, "LayerNorm / RMSNorm kernels", notes, args.out, plot
+    saved_argv = sys.argv
+    if argv is not None:  # called as a function: the Markdown's command line is this call's
+        sys.argv = ["benchmarks/bench_norm.py", *argv]
+    try:
+        folder = write_results(
+            results,
+            device,
+            args.name,
+            "LayerNorm / RMSNorm kernels",
+            notes,
+            args.out,
+            functools.partial(plot, ceiling=ceiling),
+        )
+    finally:
+        sys.argv = saved_argv
+    png = folder / f"{args.name}.png"
+    print(
+        f"wrote {folder}/{args.name}.csv and .md"
+        + (" and .png" if png.exists() else " (no .png: matplotlib not installed)")
     )
-    print(f"wrote {folder}/{args.name}.csv and .md")
     winners = {}
-    for r in results:
+    for r in measured:
         key = (r["op"], r["dtype"], r["rows"], r["N"])
         if key not in winners or r["fwd_bwd_ms"] < winners[key]["fwd_bwd_ms"]:
             winners[key] = r
@@ -293,8 +387,32 @@ def main(argv=None) -> int:
         print(
             f"  {key[0]:10s} {key[1]:8s} {key[2]}x{key[3]}: {r['backend']} ({r['fwd_bwd_ms']:.3f} ms)"
         )
-    return 0
+    return results
+
+
+def ratio_notes(rows) -> list[str]:
+    """The issue's targets as ratios: each kernel backend's fwd+bwd speed over torch eager
+    (median and min times) and, where Liger ran, over Liger."""
+    by_key = {(r["op"], r["dtype"], r["rows"], r["N"], r["backend"]): r for r in rows}
+    notes = []
+    for (op, dtype, rows_, n, backend), r in by_key.items():
+        if backend not in ("cpu", "cuda", "triton"):
+            continue
+        parts = []
+        for base in ("torch", "liger", "apex"):
+            other = by_key.get((op, dtype, rows_, n, base))
+            if other is not None:
+                parts.append(
+                    f"x{other['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f} vs {base} "
+                    f"(min times: x{other['fwd_bwd_min_ms'] / r['fwd_bwd_min_ms']:.2f})"
+                )
+        if parts:
+            notes.append(
+                f"fwd+bwd speed-up of {backend}, {op} {dtype} {rows_}x{n}: " + ", ".join(parts)
+            )
+    return notes
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    sys.exit(0)

@@ -334,7 +334,8 @@ def small_loop_blocks(monkeypatch):
     monkeypatch.setattr(kn, "LOOP_BLOCK_N", 128)
     monkeypatch.setattr(kn, "DW_BLOCK_N", 64)
     monkeypatch.setattr(kn, "DW_BLOCK_R", 4)
-    monkeypatch.setattr(kn, "DW_ROWS_PER_SPLIT", 8)
+    monkeypatch.setattr(kn, "BWD_MAX_FUSED_N", 256)
+    monkeypatch.setattr(kn, "COLS_PROGRAMS_PER_SM", 2)
     return kn
 
 
@@ -346,6 +347,67 @@ def test_triton_long_row_path(small_loop_blocks, op, dtype, rows, n):
     check_backend(
         norm_case(op, rows, n, weight=False, bias=False), "triton", dtype, device=triton_device
     )
+
+
+@pytest.fixture
+def small_bwd_tiles(monkeypatch):
+    """Make the fused Triton backward use one-row tiles, so every program walks several tiles
+    (and prefetches the next one)."""
+    from turbolm.kernels import norm as kn
+
+    monkeypatch.setattr(kn, "BWD_TILE_ELEMS", 64)
+    return kn
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,n", [(45, 96), (13, 7), (9, 129)])
+def test_triton_bwd_row_ranges(small_bwd_tiles, op, dtype, rows, n):
+    check_backend(norm_case(op, rows, n), "triton", dtype, device=triton_device)
+    check_backend(
+        norm_case(op, rows, n, weight=False, bias=False), "triton", dtype, device=triton_device
+    )
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_triton_fused_residual_row_ranges(small_bwd_tiles, op):
+    check_backend(residual_case(op, 17, 33), "triton", torch.float32, device=triton_device)
+
+
+def test_triton_bwd_launch_plan(small_bwd_tiles):
+    """The fused backward really runs several programs over several tiles with prefetch."""
+    kn = small_bwd_tiles
+    seen = {}
+    original = kn._launch
+
+    def spy(fn, grid, tile, *args, **meta):
+        seen.setdefault(fn.__name__ if hasattr(fn, "__name__") else str(fn), []).append(
+            (grid, meta)
+        )
+        return original(fn, grid, tile, *args, **meta)
+
+    x = torch.randn(45, 96, device=triton_device, requires_grad=True)
+    w = torch.randn(96, device=triton_device, requires_grad=True)
+    try:
+        kn._launch = spy
+        y = layer_norm(x, 96, w, torch.zeros(96, device=triton_device), backend="triton")
+        y.sum().backward()
+    finally:
+        kn._launch = original
+    (grid, meta), *_ = [v[0] for k, v in seen.items() if "bwd_fused" in k]
+    assert grid[0] > 1 and meta["PREFETCH"] and meta["BLOCK_R"] == 1
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_zero_rows(backend):
+    x = torch.randn(0, 8, device=triton_device, requires_grad=True)
+    w = torch.randn(8, device=triton_device, requires_grad=True)
+    b = torch.randn(8, device=triton_device, requires_grad=True)
+    y = layer_norm(x, 8, w, b, backend=backend)
+    assert y.shape == (0, 8)
+    dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b))
+    assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8, device=triton_device))
+    assert torch.equal(db, torch.zeros(8, device=triton_device))
 
 
 @pytest.mark.slow

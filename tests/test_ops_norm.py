@@ -109,3 +109,62 @@ def test_errors_are_typed_and_name_the_argument():
         layer_norm(x, 8, torch.ones(8, device="meta"))
     with pytest.raises(DTypeError, match="weight"):
         rms_norm(x, 8, torch.ones(8, dtype=torch.int32))
+
+
+# ---- the benchmark's CPU smoke mode: result files and the plot ------------------------------
+
+
+def _load_bench_norm():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_norm.py"
+    spec = importlib.util.spec_from_file_location("bench_norm", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_norm", bench)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_dry_run_writes_csv_md_png(tmp_path):
+    import csv
+
+    pytest.importorskip("matplotlib")  # in the dev and bench extras
+    bench = _load_bench_norm()
+    rows = bench.main(["--dry-run", "--out", str(tmp_path), "--ops", "layer_norm,rms_norm"])
+    measured = [r for r in rows if r["rows"] is not None]
+    assert {r["backend"] for r in measured} == {"torch", "reference"}
+    assert len(measured) == 2 * 2 * 2  # ops x sizes x backends
+    for r in measured:
+        assert r["fwd_bwd_ms"] > 0 and r["fwd_bwd_GBps"] > 0
+        assert r["err_y"] < 1e-4 and r["err_dx"] < 1e-4 and r["err_dw"] < 1e-3
+    # Peers not runnable on CPU get a row saying why (not installed, or needs a GPU).
+    peers = [r for r in rows if r["backend"] in ("liger", "apex")]
+    assert len(peers) == 4 and all(r["note"].startswith("not run: ") for r in peers)
+    with open(tmp_path / "norm.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(rows) and "note" in table[0]
+    md = (tmp_path / "norm.md").read_text()
+    assert "Command: `" in md and "--dry-run" in md and "| liger |" in md
+    png = (tmp_path / "norm.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_benchmark_plot_skips_not_run_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    bench = _load_bench_norm()
+    row = bench.not_run_row("layer_norm", torch.bfloat16, "apex", "not installed")
+    bench.plot([row], tmp_path / "x.png", ceiling=1.0)  # nothing measured: no figure
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_benchmark_ratio_notes():
+    bench = _load_bench_norm()
+    base = {"op": "layer_norm", "dtype": "float32", "rows": 4, "N": 8}
+    rows = [
+        {**base, "backend": "torch", "fwd_bwd_ms": 2.0, "fwd_bwd_min_ms": 1.0},
+        {**base, "backend": "cpu", "fwd_bwd_ms": 1.0, "fwd_bwd_min_ms": 1.0},
+    ]
+    (note,) = bench.ratio_notes(rows)
+    assert "cpu, layer_norm float32 4x8: x2.00 vs torch (min times: x1.00)" in note
