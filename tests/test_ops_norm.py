@@ -168,3 +168,13 @@ def test_benchmark_ratio_notes():
     ]
     (note,) = bench.ratio_notes(rows)
     assert "cpu, layer_norm float32 4x8: x2.00 vs torch (min times: x1.00)" in note
+
+
+def test_benchmark_budget_still_writes_results(tmp_path):
+    bench = _load_bench_norm()
+    rows = bench.main(
+        ["--dry-run", "--out", str(tmp_path), "--ops", "layer_norm", "--budget-s", "1e-9"]
+    )
+    assert not [r for r in rows if r["rows"] is not None]  # nothing started after the budget
+    md = (tmp_path / "norm.md").read_text()
+    assert "Time budget" in md and "layer_norm float32 64x96 torch" in md
