@@ -51,9 +51,14 @@ if [ "$QUICK" = 1 ]; then
     export TURBOLM_CUDA_ARCHS="${TURBOLM_CUDA_ARCHS:-9.0}"
     step build_ext 150 "$PY" -m turbolm.ext
     step pytest_gpu 170 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf \
-        tests/test_norm_kernels.py tests/test_attention_kernels.py tests/test_ops_rnn.py tests/test_nn_rnn.py
+        tests/test_norm_kernels.py tests/test_attention_kernels.py tests/test_attention_decode.py \
+        tests/test_ops_rnn.py tests/test_nn_rnn.py
     step bench_norm 45 "$PY" benchmarks/bench_norm.py --out "$OUT"
-    step bench_attention 75 "$PY" benchmarks/bench_attention.py --out "$OUT" --budget-s 55
+    # The targets first: head dim 128, causal, seq >= 4k.
+    step bench_attention 75 "$PY" benchmarks/bench_attention.py --out "$OUT" --budget-s 55 \
+        --head-dims 128 --causal 1 --seqlens 4096,8192,16384
+    step bench_decode 45 "$PY" benchmarks/bench_decode.py --out "$OUT" --batches 1,32 \
+        --cache-lens 1,33,4096,16384
 else
     step build_ext 300 "$PY" -m turbolm.ext
     step pytest_gpu 420 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf tests

@@ -294,3 +294,17 @@ def test_gpu_generate_identical_tokens():
     prompt = [3, 1, 4, 1, 5]
     ref = _greedy(model, "reference", prompt, 40, "cuda")
     assert _greedy(model, "cuda", prompt, 40, "cuda") == ref
+
+
+def test_benchmark_dry_run(built, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--dry-run", "--out", str(tmp_path)])
+    assert {r["provider"] for r in rows} == {"turbolm_cpu", "sdpa", "sdpa_math"}
+    assert all(r["status"] == "ok" and r["max_err"] < 1e-5 and r["gb_s"] > 0 for r in rows), rows
+    assert (tmp_path / "decode.csv").exists() and (tmp_path / "decode.md").exists()
