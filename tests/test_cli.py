@@ -145,6 +145,22 @@ def test_prepare_train_eval_generate(trained_run, prepared, capsys):
     assert capsys.readouterr().out == first  # greedy is deterministic
 
 
+def test_generate_with_the_decode_kernel_matches_reference(trained_run, capsys):
+    """`turbolm generate` at temperature 0: the C++ decode kernel (named, so it is built if
+    needed) and the reference attention give the same text."""
+    from turbolm import ext
+
+    if ext.load_extension() is None:
+        pytest.skip(f"C++ extension unavailable: {ext.extension_status(build=False)[1]}")
+    outputs = []
+    for backend in ("attention=cpu", "reference"):
+        argv = ["generate", "--checkpoint", str(trained_run), "--prompt", "def ",
+                "--max-new-tokens", "30", "--temperature", "0", "--no-stop", "--backend", backend]  # fmt: skip
+        assert main(argv) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and len(outputs[0]) > len("def ")
+
+
 def test_eval_on_raw_files(trained_run, corpus, capsys):
     rc = main(
         [

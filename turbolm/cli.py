@@ -170,6 +170,22 @@ def _cmd_eval(args) -> int:
 # -------------------------------------------------------------------------------- generate
 
 
+def _say_which_decode_kernel(model, device: str) -> None:
+    """One stderr line when a Transformer decodes on CPU without the C++ decode kernel
+    (``auto`` does not compile the extension on its own; see turbolm/ops/decode_kernels.py)."""
+    from turbolm import ext
+    from turbolm.ops import registry
+
+    if device != "cpu" or getattr(model, "max_context", None) is None:  # RNNs: no attention
+        return
+    if registry.requested_backend("attention")[0] == "auto" and not ext.is_built():
+        print(
+            "turbolm: the C++ decode kernel is not built, so decoding uses torch's SDPA "
+            "(build it once with `python -m turbolm.ext`)",
+            file=sys.stderr,
+        )
+
+
 def _cmd_generate(args) -> int:
     import torch
 
@@ -184,6 +200,8 @@ def _cmd_generate(args) -> int:
     prompt_ids = tok.encode(args.prompt) or [tok.eot_id]
     stream = tok.decode_stream()
     out = sys.stdout
+    with use_backend(args.backend):
+        _say_which_decode_kernel(trained.model, device)
     out.write(args.prompt)
     with use_backend(args.backend):
         for token_id in generate_tokens(
