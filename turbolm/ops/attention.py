@@ -30,7 +30,9 @@ input layout); variable-length packed batches (``cu_seqlens=``): ``q`` (total_q,
 
 Backends: ``reference`` (readable fp32/fp64 math, the oracle), ``torch`` (SDPA), ``triton``
 (``turbolm.kernels.attention``: FlashAttention-2 style forward and backward; CUDA tensors, or
-CPU tensors under ``TRITON_INTERPRET=1``; no ``attn_mask``; head dim <= 256).
+CPU tensors under ``TRITON_INTERPRET=1``; no ``attn_mask``; head dim <= 256), and the
+inference-only decode kernels ``cpu`` / ``cuda`` (``csrc/attention``, registered in
+``turbolm/ops/decode_kernels.py``: a few new queries against a KV cache, no gradients).
 """
 
 from __future__ import annotations
