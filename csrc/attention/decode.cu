@@ -9,7 +9,8 @@
 //   * a block (4 warps) owns one chunk of keys of one kv head and up to R query rows of that
 //     head's group (the GQA group of q heads x the Tq new tokens), so each key / value row is
 //     read once for all the q heads sharing it;
-//   * its warps take the chunk's keys in turn (key j to warp j % 4). A lane holds E = D / 32
+//   * its warps take the chunk's keys in turn, U at a time (U k and v rows loaded back to back
+//     before they are used, so more bytes are in flight). A lane holds E = D / 32
 //     (rounded up to 1, 2, 4 or 8) contiguous elements of each query, key and value row, read
 //     as one vector when the layout allows; q . k is a warp shuffle reduction; each warp keeps
 //     an online softmax (running max m, sum l, acc) per row in registers, in the log2 domain
@@ -37,7 +38,9 @@
 #include "decode_math.h"
 
 namespace turbolm::attention {
-namespace {
+// A named namespace, not an anonymous one: nvcc's host stubs for these templated kernels
+// fail to compile in an anonymous namespace under C++17 (torch < 2.14 builds as C++17).
+namespace cuda_detail {
 
 constexpr int kWarp = 32;
 constexpr int kWarps = 4;
@@ -78,7 +81,7 @@ __device__ __forceinline__ float weight2(float m, float max_m) {
   return m == -INFINITY ? 0.0f : exp2f(m - max_m);
 }
 
-template <typename scalar_t, int E, int R>
+template <typename scalar_t, int E, int R, int U>
 __global__ void __launch_bounds__(kThreads)
     decode_partial_kernel(DecodeGeometry g, const scalar_t* __restrict__ q,
                           const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
@@ -134,29 +137,51 @@ __global__ void __launch_bounds__(kThreads)
 
   const scalar_t* kb = k + b * g.k_stride[0] + hkv * g.k_stride[1];
   const scalar_t* vb = v + b * g.v_stride[0] + hkv * g.v_stride[1];
-  for (int64_t j = keys_lo + warp; j < keys_hi; j += kWarps) {
-    float row[E];
-    load_lane<scalar_t, E>(kb + j * g.k_stride[2], lane, d, vec_ok, row);
-    float s[R];
+  // Warp w takes keys [j0, j0 + U) for j0 = keys_lo + w * U, + kWarps * U, ...: the 2 * U row
+  // loads of a group are issued back to back (more bytes in flight per warp), and the online
+  // softmax rescales once per group.
+  for (int64_t j0 = keys_lo + warp * U; j0 < keys_hi; j0 += kWarps * U) {
+    float kr[U][E], vr[U][E];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (r >= live) break;
-      float partial = 0.0f;
+    for (int u = 0; u < U; ++u) {
+      if (j0 + u < keys_hi) {
+        load_lane<scalar_t, E>(kb + (j0 + u) * g.k_stride[2], lane, d, vec_ok, kr[u]);
+        load_lane<scalar_t, E>(vb + (j0 + u) * g.v_stride[2], lane, d, vec_ok, vr[u]);
+      } else {
 #pragma unroll
-      for (int e = 0; e < E; ++e) partial += qr[r][e] * row[e];
-      s[r] = warp_sum(partial);
+        for (int e = 0; e < E; ++e) kr[u][e] = vr[u][e] = 0.0f;
+      }
     }
-    load_lane<scalar_t, E>(vb + j * g.v_stride[2], lane, d, vec_ok, row);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r >= live) break;
-      if (j < lo[r] || j >= hi[r]) continue;
-      const float m_new = fmaxf(m[r], s[r]);
-      const float corr = exp2f(m[r] - m_new);  // 0 while m was -inf
-      const float p = exp2f(s[r] - m_new);
-      l[r] = l[r] * corr + p;
+      float s[U];
+      float m_new = m[r];
 #pragma unroll
-      for (int e = 0; e < E; ++e) acc[r][e] = acc[r][e] * corr + p * row[e];
+      for (int u = 0; u < U; ++u) {
+        float partial = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) partial += qr[r][e] * kr[u][e];
+        s[u] = warp_sum(partial);  // the same value in every lane
+        if (j0 + u < lo[r] || j0 + u >= hi[r]) s[u] = -INFINITY;
+        m_new = fmaxf(m_new, s[u]);
+      }
+      if (m_new == -INFINITY) continue;  // no key of the group is visible to this row
+      const float corr = exp2f(m[r] - m_new);  // 0 while m was -inf
+      float p[U], p_sum = 0.0f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        p[u] = exp2f(s[u] - m_new);  // 0 for invisible keys
+        p_sum += p[u];
+      }
+      l[r] = l[r] * corr + p_sum;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        float value = acc[r][e] * corr;
+#pragma unroll
+        for (int u = 0; u < U; ++u) value += p[u] * vr[u][e];
+        acc[r][e] = value;
+      }
       m[r] = m_new;
     }
   }
@@ -258,6 +283,7 @@ template <typename scalar_t, int E>
 void launch(const DecodeGeometry& g, const at::Tensor& q, const at::Tensor& k,
             const at::Tensor& v, at::Tensor& out, at::Tensor& lse, int64_t requested) {
   constexpr int R = E >= 8 ? 4 : 8;  // registers: R * E * 2 floats per lane for q and acc
+  constexpr int U = E >= 8 ? 2 : 4;  // keys per warp step: U * E * 2 floats for k and v rows
   const int64_t rows = g.q_heads / g.kv_heads * g.q_len;
   const int64_t row_chunks = (rows + R - 1) / R;
   const int64_t blocks = g.batch * g.kv_heads * row_chunks;
@@ -271,7 +297,7 @@ void launch(const DecodeGeometry& g, const at::Tensor& q, const at::Tensor& k,
     part_lse = at::empty({all_rows * splits}, q.options().dtype(at::kFloat));
   }
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
-  decode_partial_kernel<scalar_t, E, R><<<grid, kThreads, 0, stream>>>(
+  decode_partial_kernel<scalar_t, E, R, U><<<grid, kThreads, 0, stream>>>(
       g, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
       v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
       lse.mutable_data_ptr<float>(), splits > 1 ? part_o.mutable_data_ptr<float>() : nullptr,
@@ -298,7 +324,7 @@ void launch_for_head_dim(const DecodeGeometry& g, const at::Tensor& q, const at:
   return launch<scalar_t, 8>(g, q, k, v, out, lse, requested);
 }
 
-}  // namespace
+}  // namespace cuda_detail
 
 std::tuple<at::Tensor, at::Tensor> attention_decode_cuda(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, double scale,
@@ -319,11 +345,11 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cuda(const at::Tensor& q, co
   auto [out, lse] = new_decode_outputs(q, g);
   if (q.numel() == 0) return {out, lse};
   if (t == at::kFloat) {
-    launch_for_head_dim<float>(g, q, k, v, out, lse, num_splits);
+    cuda_detail::launch_for_head_dim<float>(g, q, k, v, out, lse, num_splits);
   } else if (t == at::kHalf) {
-    launch_for_head_dim<c10::Half>(g, q, k, v, out, lse, num_splits);
+    cuda_detail::launch_for_head_dim<c10::Half>(g, q, k, v, out, lse, num_splits);
   } else {
-    launch_for_head_dim<c10::BFloat16>(g, q, k, v, out, lse, num_splits);
+    cuda_detail::launch_for_head_dim<c10::BFloat16>(g, q, k, v, out, lse, num_splits);
   }
   return {out, lse};
 }
