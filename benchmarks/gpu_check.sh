@@ -6,7 +6,8 @@
 #   benchmarks/gpu_check.sh [OUTDIR]        (default: benchmarks/results/h200)
 #
 # Environment: GPU_CHECK_QUICK=1 trims every step to fit a ~6 minute device slot (the test
-# step then runs the kernel-op test files only). Needs python with torch (CUDA build), triton,
+# step then runs the kernel-op test files only) and packs the benchmark files into
+# OUTDIR/results.tar.gz (the device returns at most a few files). Needs python with torch (CUDA build), triton,
 # ninja, pybind11, nvcc; installs nothing from the network (wheels/*.whl are installed offline
 # first if present). DeepSpeed is not needed.
 set -uo pipefail
@@ -53,7 +54,10 @@ if [ "$QUICK" = 1 ]; then
     step pytest_gpu 170 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf \
         tests/test_norm_kernels.py tests/test_attention_kernels.py tests/test_attention_decode.py \
         tests/test_ops_rnn.py tests/test_nn_rnn.py
-    step bench_norm 45 "$PY" benchmarks/bench_norm.py --out "$OUT"
+    # The norm target sizes (bf16, 8192x4096 and up); Liger / Apex rows run when their
+    # wheels were put in wheels/ (e.g. `pip download liger-kernel --no-deps -d wheels`).
+    step bench_norm 60 "$PY" benchmarks/bench_norm.py --out "$OUT" --sizes 8192x4096,16384x4096 \
+        --backends torch,triton,cuda,liger,apex --budget-s 45
     # The targets first: head dim 128, causal, seq >= 4k.
     step bench_attention 75 "$PY" benchmarks/bench_attention.py --out "$OUT" --budget-s 55 \
         --head-dims 128 --causal 1 --seqlens 4096,8192,16384
@@ -85,6 +89,12 @@ fi
     cat "$ROWS"
 } > "$OUT/README.md"
 rm -f "$ROWS"
+if [ "$QUICK" = 1 ]; then
+    # The device returns few files: pack the benchmark outputs into one archive (unpack it into
+    # benchmarks/results/<gpu>/ with `tar xzf results.tar.gz`).
+    (cd "$OUT" && files=$(ls | grep -v -e '^README.md$' -e '^gpu_check.log$' -e '^results.tar.gz$') \
+        && [ -n "$files" ] && tar czf results.tar.gz $files && rm -f $files)
+fi
 echo
 cat "$OUT/README.md"
 exit $status
