@@ -46,20 +46,26 @@ step() {  # step NAME TIMEOUT_S CMD...  -> runs CMD, appends its output to $LOG,
 if compgen -G "wheels/*.whl" > /dev/null; then
     step install_wheels 120 "$PY" -m pip install --no-index --no-deps wheels/*.whl
 fi
-step install 120 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
-step doctor 60 "$PY" -m turbolm doctor
+step install 60 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+step doctor 30 "$PY" -m turbolm doctor
 if [ "$QUICK" = 1 ]; then
     export TURBOLM_CUDA_ARCHS="${TURBOLM_CUDA_ARCHS:-9.0}"
     step build_ext 150 "$PY" -m turbolm.ext
-    step pytest_gpu 170 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf \
-        tests/test_norm_kernels.py tests/test_attention_kernels.py tests/test_attention_decode.py \
-        tests/test_ops_rnn.py tests/test_nn_rnn.py
+    # One step per kernel family, so a slow or failing family does not hide the others.
+    gpu_tests() {  # gpu_tests NAME LIMIT FILES...
+        local name="$1" limit="$2"; shift 2
+        step "$name" "$limit" "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf --maxfail=25 "$@"
+    }
+    gpu_tests pytest_norm 50 tests/test_norm_kernels.py
+    gpu_tests pytest_decode 40 tests/test_attention_decode.py
+    gpu_tests pytest_attention 70 tests/test_attention_kernels.py
+    gpu_tests pytest_rnn 50 tests/test_rnn_kernels.py tests/test_ops_rnn.py tests/test_nn_rnn.py
     # The norm target sizes (bf16, 8192x4096 and up); Liger / Apex rows run when their
     # wheels were put in wheels/ (e.g. `pip download liger-kernel --no-deps -d wheels`).
     step bench_norm 60 "$PY" benchmarks/bench_norm.py --out "$OUT" --sizes 8192x4096,16384x4096 \
         --backends torch,triton,cuda,liger,apex --budget-s 45
     # The targets first: head dim 128, causal, seq >= 4k.
-    step bench_attention 75 "$PY" benchmarks/bench_attention.py --out "$OUT" --budget-s 55 \
+    step bench_attention 70 "$PY" benchmarks/bench_attention.py --out "$OUT" --budget-s 50 \
         --head-dims 128 --causal 1 --seqlens 4096,8192,16384
     step bench_decode 45 "$PY" benchmarks/bench_decode.py --out "$OUT" --batches 1,32 \
         --cache-lens 1,33,4096,16384
