@@ -45,11 +45,27 @@ void load_row(const scalar_t* src, acc_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
 }
 
+// a . b with kLanes independent partial sums: a plain `sum += a[i] * b[i]` is one serial
+// chain that the compiler may not reorder (no -ffast-math), so it would not vectorize. The
+// summation order is still fixed, so results are deterministic.
 template <typename acc_t>
-acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
+  constexpr int kLanes = 64 / sizeof(acc_t);  // two 256-bit registers of partial sums
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
+  }
   acc_t sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int j = 0; j < kLanes; ++j) sum += lanes[j];
   return sum;
+}
+
+// out += p * row
+template <typename acc_t>
+void axpy(acc_t p, const acc_t* __restrict row, acc_t* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] += p * row[i];
 }
 
 // Per-task scratch, reused across the tasks one thread runs.
@@ -125,8 +141,7 @@ void decode_task(const DecodeGeometry& g, const scalar_t* q, const scalar_t* k,
     for (int64_t r = 0; r < rows; ++r) {
       const acc_t p = s.scores[r * width + (j - chunk.lo)];
       if (p == acc_t(0)) continue;
-      acc_t* ar = &s.acc[r * d];
-      for (int64_t i = 0; i < d; ++i) ar[i] += p * s.row[i];
+      axpy(p, s.row.data(), &s.acc[r * d], d);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
