@@ -24,12 +24,11 @@ and ``cu_seqlens``.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from turbolm.errors import BackendError
-from turbolm.ops import registry
+from turbolm.ops import ext_support, registry
 
 AUTO_MAX_Q_LEN = 16
 CUDA_AUTO = False
@@ -60,18 +59,9 @@ def _register_fakes() -> None:
 
 def _ext_reason(auto: bool, compile_ok: bool) -> str | None:
     """None when the extension with the decode op is loaded (building it now if allowed)."""
-    ext = _ext()
-    if auto and not compile_ok and not ext.is_built():
-        return (
-            "extension not built yet (auto does not compile it on CPU; use backend='cpu', "
-            "set TURBOLM_BUILD_EXT=1, or run `python -m turbolm.ext`)"
-        )
-    if ext.load_extension() is None:
-        return f"extension not built: {ext.extension_status(build=False)[1]}"
-    if not hasattr(torch.ops.turbolm, "attention_decode"):
-        return "the loaded extension has no attention ops (built without csrc/attention)"
-    _register_fakes()
-    return None
+    return ext_support.ext_reason(
+        auto, compile_ok, "attention_decode", "attention", on_loaded=_register_fakes
+    )
 
 
 def _common_reason(q, k, v, attn_mask, dropout_p, layout) -> str | None:
@@ -121,7 +111,7 @@ def _cpu_supports(
     )
     if reason:
         return reason
-    return _ext_reason(auto, compile_ok=os.environ.get("TURBOLM_BUILD_EXT") == "1")
+    return _ext_reason(auto, compile_ok=ext_support.cpu_compile_allowed())
 
 
 def _cuda_available() -> str | None:

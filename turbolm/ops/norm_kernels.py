@@ -30,11 +30,9 @@ A backend named explicitly never falls back: ``supports`` returns the reason (dt
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from turbolm.ops import registry, triton_support
+from turbolm.ops import ext_support, registry, triton_support
 
 # Backends whose kernels fuse `residual=` (y = norm(x + residual)); the others add first.
 FUSED_RESIDUAL = frozenset({"triton"})
@@ -138,16 +136,8 @@ def _ext():
 
 
 def _ext_reason(auto: bool, compile_ok: bool) -> str | None:
-    """None when the extension is loaded (loading / building it now if allowed)."""
-    ext = _ext()
-    if auto and not compile_ok and not ext.is_built():
-        return (
-            "extension not built yet (auto does not compile it on CPU; use backend='cpu', "
-            "set TURBOLM_BUILD_EXT=1, or run `python -m turbolm.ext`)"
-        )
-    if ext.load_extension() is None:
-        return f"extension not built: {ext.extension_status(build=False)[1]}"
-    return None
+    """None when the extension with the norm ops is loaded (loading / building it if allowed)."""
+    return ext_support.ext_reason(auto, compile_ok, "layer_norm_fwd", "norm")
 
 
 def _cpu_supports(x, weight=None, bias=None, auto=False, **_) -> str | None:
@@ -156,7 +146,7 @@ def _cpu_supports(x, weight=None, bias=None, auto=False, **_) -> str | None:
     reason = _dtype_reason(x, _EXT_DTYPES) or _mixed_dtypes(x, weight, bias)
     if reason:
         return reason
-    return _ext_reason(auto, compile_ok=os.environ.get("TURBOLM_BUILD_EXT") == "1")
+    return _ext_reason(auto, compile_ok=ext_support.cpu_compile_allowed())
 
 
 def _cuda_available() -> str | None:

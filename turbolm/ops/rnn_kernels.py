@@ -24,11 +24,9 @@ explicitly never falls back: ``supports`` returns the reason and the registry ra
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from turbolm.ops import registry, triton_support
+from turbolm.ops import ext_support, registry, triton_support
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 SAVED = {"lstm": 5, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}  # saved values per unit (rnn_math.h)
@@ -142,19 +140,10 @@ def _call(name: str, *args):
 
 
 def _ext_reason(auto: bool, compile_ok: bool) -> str | None:
-    """None when the extension is loaded (loading / building it now if allowed)."""
-    ext = _ext()
-    if auto and not compile_ok and not ext.is_built():
-        return (
-            "extension not built yet (auto does not compile it on CPU; use backend='cpu', "
-            "set TURBOLM_BUILD_EXT=1, or run `python -m turbolm.ext`)"
-        )
-    if ext.load_extension() is None:
-        return f"extension not built: {ext.extension_status(build=False)[1]}"
-    if not hasattr(torch.ops.turbolm, "rnn_layer_fwd"):
-        return "the loaded extension has no RNN ops (built without csrc/rnn, see TURBOLM_EXT_OPS)"
-    _register_fakes()
-    return None
+    """None when the extension with the RNN ops is loaded (loading / building it if allowed)."""
+    return ext_support.ext_reason(
+        auto, compile_ok, "rnn_layer_fwd", "rnn", on_loaded=_register_fakes
+    )
 
 
 def _tensor_reason(x, device_type: str, dtypes) -> str | None:
@@ -188,7 +177,7 @@ def _cpu_ext_reason(auto) -> str | None:
     # the path torch.compile traces). Not built: only a request by name may compile it.
     if _ext().is_built():
         return _ext_reason(False, True)
-    compile_ok = os.environ.get("TURBOLM_BUILD_EXT") == "1"
+    compile_ok = ext_support.cpu_compile_allowed()
     return _ext_reason(_picked_by_auto(auto), compile_ok)
 
 
