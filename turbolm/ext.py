@@ -38,6 +38,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -244,10 +245,24 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found" warning:
+    nvcc without a GPU is an expected setup here (the CUDA sources compile, they do not run),
+    and the warning would land in the middle of `turbolm generate`'s output."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_ext
+    finally:
+        log.setLevel(level)
+    return cpp_ext
+
+
 @contextlib.contextmanager
 def _build_env(with_cuda: bool) -> Iterator[None]:
     """CUDA_HOME and TORCH_CUDA_ARCH_LIST for torch's builder, restored afterwards."""
-    import torch.utils.cpp_extension as cpp_ext
+    cpp_ext = _cpp_extension()
 
     saved_env = {k: os.environ.get(k) for k in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST")}
     saved_home = cpp_ext.CUDA_HOME
@@ -328,7 +343,7 @@ def _summarize_failure(exc: BaseException, log: Path | None) -> str:
 
 
 def _jit_build(with_cuda: bool) -> ModuleType:
-    import torch.utils.cpp_extension as cpp_ext
+    cpp_ext = _cpp_extension()
 
     bdir = build_dir(with_cuda)
     bdir.mkdir(parents=True, exist_ok=True)
