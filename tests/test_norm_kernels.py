@@ -305,6 +305,17 @@ def test_auto_uses_cpu_only_when_built(built, monkeypatch):
     assert registry.select("layer_norm", "cpu", None, x=x, auto=True).name == "torch"
 
 
+def test_auto_skips_unverified_gpu_kernels():
+    """On CUDA tensors auto takes neither cuda nor triton until norm_kernels.GPU_AUTO is set
+    (after a GPU run verified them); named, they are not refused for that reason."""
+    import types
+
+    fake = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    for supports in (norm_kernels._cuda_supports, norm_kernels._triton_supports):
+        assert "not yet verified" in supports(fake, auto=True)
+    assert norm_kernels._triton_supports(fake, auto=False) is None
+
+
 # ---- triton backend (interpreter on CPU tensors without a GPU) ------------------------------
 
 triton_device = "cuda" if HAS_CUDA else "cpu"

@@ -17,8 +17,12 @@ the C++ extension builds on first use (``turbolm/ext.py``).
 
 When ``auto`` picks the backend (no ``backend=``, ``use_backend`` or ``TURBOLM_BACKEND``):
 
-* ``cuda`` may build the extension on its first call (one line on stderr, about a minute);
-  if that fails, ``auto`` moves on to ``triton`` / ``torch`` and the reason is kept.
+* ``cuda`` and ``triton`` on CUDA tensors: only once ``GPU_AUTO`` is True. It stays False
+  until the GPU tests pass and the benchmark shows them fastest on a real GPU
+  (``benchmarks/gpu_check.sh``): the CUDA kernels have not run on a GPU yet, and the Triton
+  kernels measured slower than PyTorch's on an H200 before their rework. Until then ``auto``
+  takes ``torch`` on GPUs; by name (``backend="cuda"``) they run, and ``cuda`` builds the
+  extension on its first call (one line on stderr, about a minute).
 * ``cpu`` is used only when the extension is already built (ahead of time, or an earlier
   just-in-time build from the same sources) or ``TURBOLM_BUILD_EXT=1`` is set: ``auto``
   never starts a compiler on its own on a CPU machine, so the default training path works
@@ -78,13 +82,19 @@ def triton_interpreting() -> bool:
 
 _triton_available = triton_support.triton_available
 
+# Whether `auto` may choose the cuda / triton kernels for CUDA tensors (see the module docstring).
+GPU_AUTO = False
+_GPU_UNVERIFIED = (
+    "not yet verified and benchmarked on a GPU, so auto skips it (name the backend to use it)"
+)
 
-def _triton_supports(x, weight=None, bias=None, **_) -> str | None:
+
+def _triton_supports(x, weight=None, bias=None, auto=False, **_) -> str | None:
     reason = _dtype_reason(x, _TRITON_DTYPES) or _mixed_dtypes(x, weight, bias)
     if reason:
         return reason
     if x.device.type == "cuda":
-        return None
+        return _GPU_UNVERIFIED if auto and not GPU_AUTO else None
     if x.device.type == "cpu":
         return None if triton_interpreting() else "CPU tensors need TRITON_INTERPRET=1"
     return f"device {x.device.type} is not supported (CUDA tensors)"
@@ -161,6 +171,8 @@ def _cuda_supports(x, weight=None, bias=None, auto=False, **_) -> str | None:
     reason = _dtype_reason(x, _EXT_DTYPES) or _mixed_dtypes(x, weight, bias)
     if reason:
         return reason
+    if auto and not GPU_AUTO:
+        return _GPU_UNVERIFIED
     reason = _ext_reason(auto, compile_ok=True)
     if reason:
         return reason
