@@ -74,3 +74,26 @@ def test_kernel_backend_runs_through_the_shared_function(toy_op):
     y = KernelFunction.apply(backend, {"scale": 3.0}, x)
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.full((4,), 3.0))
+
+
+def test_run_backend_skips_autograd_when_nothing_needs_gradients():
+    """Inference calls the kernel's fwd directly (no autograd.Function overhead); with an input
+    that needs a gradient the shared Function runs and its backward is the kernel's bwd."""
+    from turbolm.ops.function import run_backend
+
+    def fwd(x, scale):
+        return x * scale, x
+
+    def bwd(grad, x, scale):
+        return (grad * scale,)
+
+    backend = registry.Backend("toy2", "cpu", fwd=fwd, bwd=bwd)
+    x = torch.randn(4)
+    assert run_backend(backend, (x,), {"scale": 2.0}).grad_fn is None
+    x.requires_grad_(True)
+    with torch.no_grad():
+        assert run_backend(backend, (x,), {"scale": 2.0}).grad_fn is None
+    y = run_backend(backend, (x,), {"scale": 2.0})
+    assert type(y.grad_fn).__name__ == "KernelFunctionBackward"
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((4,), 2.0))

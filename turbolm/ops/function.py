@@ -33,4 +33,9 @@ def run_backend(backend: Backend, inputs: tuple, params: dict):
     """Call ``backend`` on positional tensor ``inputs`` and keyword ``params``."""
     if backend.is_autograd_native:
         return backend.fn(*inputs, **params)
+    if not torch.is_grad_enabled() or not any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in inputs
+    ):
+        # Nothing to differentiate (inference, eval): skip the autograd.Function's overhead.
+        return backend.fwd(*inputs, **params)[0]
     return KernelFunction.apply(backend, params, *inputs)
