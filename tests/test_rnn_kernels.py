@@ -507,15 +507,26 @@ def test_rnnlm_converges_like_reference(built, cell):
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 GEMMs in full precision for the test (restored afterwards). Not monkeypatch:
+    torch.backends.cuda.matmul.allow_tf32 is served by __getattr__, and monkeypatch's undo
+    then fails with AttributeError (seen with torch 2.14)."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    yield
+    matmul.allow_tf32 = saved
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", ("cuda", "triton"))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_gpu_backends(backend, mode, dtype, monkeypatch):
+def test_gpu_backends(backend, mode, dtype, no_tf32):
     if dtype == torch.bfloat16 and mode == "rnn_relu":
         pytest.skip(RELU_BF16_SKIP)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     for lengths in (False, True):
         proj_size = 5 if mode == "lstm" else 0
         for case in (
