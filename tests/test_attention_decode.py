@@ -178,15 +178,16 @@ def test_named_backend_says_what_it_cannot_do(built):
 
 
 def test_auto_picks_the_decode_kernel_only_for_inference_decoding(built):
-    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, decode_kernels.CPU_AUTO_MIN_KEYS, 8)
 
-    def chosen(q, **kw):
+    def chosen(q, k=k, **kw):
         return registry.select("attention", "cpu", None, q=q, k=k, v=k, **kw).name
 
     with torch.no_grad():
         assert chosen(q) == "cpu"
         assert chosen(torch.randn(1, 4, 17, 8)) == "torch"  # prefill: more than 16 queries
         assert chosen(q, dropout_p=0.1) == "torch"
+        assert chosen(q, k=k[:, :, :-1]) == "torch"  # a short cache: SDPA is as fast
     assert chosen(q.requires_grad_()) == "torch"  # training
     assert chosen(q.detach()) == "cpu"  # no input needs a gradient
 

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../common/dispatch.h"
@@ -43,6 +44,18 @@ int64_t cpu_splits(const DecodeGeometry& g, int64_t requested) {
 template <typename scalar_t, typename acc_t>
 void load_row(const scalar_t* src, acc_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+}
+
+// A row in the accumulation type: the row itself when it already is (fp32 / fp64 data), else
+// its conversion into `buf`.
+template <typename scalar_t, typename acc_t>
+const acc_t* row_as_acc(const scalar_t* src, acc_t* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    load_row(src, buf, n);
+    return buf;
+  }
 }
 
 // a . b with kLanes independent partial sums: a plain `sum += a[i] * b[i]` is one serial
@@ -111,11 +124,11 @@ void decode_task(const DecodeGeometry& g, const scalar_t* q, const scalar_t* k,
   const scalar_t* vb = v + b * g.v_stride[0] + hkv * g.v_stride[1];
   // 1. scores
   for (int64_t j = chunk.lo; j < chunk.hi; ++j) {
-    load_row(kb + j * g.k_stride[2], s.row.data(), d);
+    const acc_t* key = row_as_acc(kb + j * g.k_stride[2], s.row.data(), d);
     for (int64_t r = 0; r < rows; ++r) {
       const bool visible = j >= seen[r].lo && j < seen[r].hi;
       s.scores[r * width + (j - chunk.lo)] =
-          visible ? dot(&s.q[r * d], s.row.data(), d) : acc_t(-INFINITY);
+          visible ? dot(&s.q[r * d], key, d) : acc_t(-INFINITY);
     }
   }
   // 2. softmax statistics, scores become probabilities (unnormalized)
@@ -137,11 +150,11 @@ void decode_task(const DecodeGeometry& g, const scalar_t* q, const scalar_t* k,
   }
   // 3. weighted values
   for (int64_t j = chunk.lo; j < chunk.hi; ++j) {
-    load_row(vb + j * g.v_stride[2], s.row.data(), d);
+    const acc_t* value = row_as_acc(vb + j * g.v_stride[2], s.row.data(), d);
     for (int64_t r = 0; r < rows; ++r) {
       const acc_t p = s.scores[r * width + (j - chunk.lo)];
       if (p == acc_t(0)) continue;
-      axpy(p, s.row.data(), &s.acc[r * d], d);
+      axpy(p, value, &s.acc[r * d], d);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {

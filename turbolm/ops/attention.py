@@ -143,14 +143,29 @@ def attention_reference(
     return out.to(q.dtype)
 
 
+# scaled_dot_product_attention(enable_gqa=) exists from torch 2.5 on.
+_SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"
+
+
 def _attention_torch(q, k, v, causal=False, dropout_p=0.0, attn_mask=None, scale=None, window=None):
     """PyTorch's scaled_dot_product_attention (flash / efficient / math, as torch picks)."""
     tq, tk = q.shape[-2], k.shape[-2]
+    # One causal query against a non-empty cache sits at the last key and sees every key: no
+    # mask (the decoding case, which would otherwise take the masked path below).
+    if causal and tq == 1 and tk >= 1:
+        causal = False
+    unmasked = attn_mask is None and window is None and (not causal or tq == tk)
+    if unmasked and k.shape[1] != q.shape[1] and _SDPA_GQA and q.device.type == "cpu":
+        # Grouped heads read in place (no repeated k/v copies). CPU only: on CUDA, SDPA's
+        # memory-efficient kernel does not take enable_gqa and fp32 would fall back to math.
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=True
+        )
     if k.shape[1] != q.shape[1]:
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    if attn_mask is None and window is None and (not causal or tq == tk):
+    if unmasked:
         # SDPA's is_causal is top-left aligned, which equals ours only when Tq == Tk.
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale

@@ -12,7 +12,10 @@ on CUDA. Not supported (``supports`` says so, the registry raises BackendError w
 backend was named): gradients (run under ``torch.no_grad()``), ``attn_mask``, ``dropout_p > 0``
 and ``cu_seqlens``.
 
-``auto`` takes them only for decode-sized queries (``q_len <= AUTO_MAX_Q_LEN``) and:
+``auto`` takes them only for decode-sized queries (``q_len <= AUTO_MAX_Q_LEN``) against caches
+of at least ``CPU_AUTO_MIN_KEYS`` keys on CPU (measured on 2 threads, Hq 32 / Hkv 8 / D 128,
+fp32: PyTorch's SDPA is as fast or up to ~25% faster below ~1k keys, the kernel 2.5-3x faster
+from 2k keys on; ``benchmarks/bench_decode.py``), and:
 
 * ``cpu`` when the extension is already built (``auto`` never starts a compiler on CPU; see
   ``turbolm/ops/norm_kernels.py``) or ``TURBOLM_BUILD_EXT=1``;
@@ -31,6 +34,7 @@ from turbolm.errors import BackendError
 from turbolm.ops import ext_support, registry
 
 AUTO_MAX_Q_LEN = 16
+CPU_AUTO_MIN_KEYS = 1024
 CUDA_AUTO = False
 _CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -86,15 +90,20 @@ def _dtype_reason(q, allowed) -> str | None:
     return None
 
 
-def _q_len(q, layout) -> int:
-    return q.shape[1] if layout == "bshd" else q.shape[2]
+def _seq_len(t, layout) -> int:
+    return t.shape[1] if layout == "bshd" else t.shape[2]
 
 
-def _auto_reason(q, layout) -> str | None:
-    if _q_len(q, layout) > AUTO_MAX_Q_LEN:
+def _auto_reason(q, k, layout, min_keys: int = 0) -> str | None:
+    if _seq_len(q, layout) > AUTO_MAX_Q_LEN:
         return (
             f"auto uses the decode kernel for at most {AUTO_MAX_Q_LEN} queries, got "
-            f"{_q_len(q, layout)} (name the backend to use it anyway)"
+            f"{_seq_len(q, layout)} (name the backend to use it anyway)"
+        )
+    if _seq_len(k, layout) < min_keys:
+        return (
+            f"auto uses the decode kernel for caches of at least {min_keys} keys (SDPA is as "
+            f"fast below), got {_seq_len(k, layout)} (name the backend to use it anyway)"
         )
     return None
 
@@ -107,7 +116,7 @@ def _cpu_supports(
     reason = (
         _common_reason(q, k, v, attn_mask, dropout_p, layout)
         or _dtype_reason(q, _CPU_DTYPES)
-        or (_auto_reason(q, layout) if auto else None)
+        or (_auto_reason(q, k, layout, CPU_AUTO_MIN_KEYS) if auto else None)
     )
     if reason:
         return reason
@@ -131,7 +140,7 @@ def _cuda_supports(
     if auto:
         if not CUDA_AUTO:
             return "not chosen automatically until verified on a GPU (pass backend='cuda')"
-        reason = _auto_reason(q, layout)
+        reason = _auto_reason(q, k, layout)
         if reason:
             return reason
     reason = _ext_reason(auto, compile_ok=True)
