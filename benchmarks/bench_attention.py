@@ -260,6 +260,12 @@ def _compile_provider() -> Provider:
 
     def make(q, k, v, causal):
         if causal not in _COMPILED:
+            # The "bwd" timing replays one graph's backward (retain_graph=True), which a
+            # compiled backward refuses while it donates its saved buffers.
+            import torch._functorch.config as functorch_config
+
+            if hasattr(functorch_config, "donated_buffer"):
+                functorch_config.donated_buffer = False
             _COMPILED[causal] = torch.compile(lambda q, k, v: _naive_attention(q, k, v, causal))
         return (q, k, v), _COMPILED[causal], lambda out: out
 
