@@ -846,23 +846,26 @@ _INTERP_CONFIG = (16, 16, 1, 1)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per head-dim class, for 2-byte dtypes.
-# Starting points (shared memory checked by compiling for sm_90: all fit), NOT measured on a
-# GPU yet; the benchmark records the configs the autotuner picks. fp32 (4-byte tiles, IEEE
-# dots) gets smaller tiles. Few candidates: each one is a compile on first use.
+# Starting points; the benchmark records the configs the autotuner picks. On the H200
+# (2026-11-28, bf16, d128, causal, seq 4k-16k) it picked fwd 128x64w8s3, dkdv 32x64w4s3 and
+# dq 64x32w4s3 from the first three of each list; the last two of the d128 lists are larger
+# Hopper tiles added after that run (too large ones fail to compile and the autotuner skips
+# them). fp32 (4-byte tiles, IEEE dots) gets smaller tiles. Few candidates: each one is a
+# compile on first use.
 _CONFIGS = {
     "fwd": {
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-        128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)],
         256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
     },
     "dkdv": {  # BLOCK_N keys stay resident, BLOCK_M query rows stream
         64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
-        128: [(32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2)],
+        128: [(32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3)],
         256: [(16, 64, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
     },
     "dq": {  # BLOCK_M queries stay resident, BLOCK_N keys stream
         64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4)],
-        128: [(128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+        128: [(128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3)],
         256: [(64, 16, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1)],
     },
 }

@@ -275,6 +275,16 @@ def test_gpu_variants(d, variant):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("d", [7, 33, 200])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (12, 1)], ids=str)
+def test_gpu_odd_head_dims(d, heads):
+    """Head dims that fill no whole 16-byte vector take the element-wise loads; 1, 4 and 12
+    rows per kv head take the 1-, 4- and 3x4-row blocks."""
+    check_backend(decode_case(1, 700, heads, d), "cuda", torch.float16, "cuda")
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("num_splits", [0, 1, 3, 64])
 def test_gpu_key_splits(num_splits):
     gen = torch.Generator().manual_seed(2)

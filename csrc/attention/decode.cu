@@ -9,16 +9,22 @@
 //   * a block (4 warps) owns one chunk of keys of one kv head and up to R query rows of that
 //     head's group (the GQA group of q heads x the Tq new tokens), so each key / value row is
 //     read once for all the q heads sharing it;
-//   * its warps take the chunk's keys in turn, U at a time (U k and v rows loaded back to back
-//     before they are used, so more bytes are in flight). A lane holds E = D / 32
-//     (rounded up to 1, 2, 4 or 8) contiguous elements of each query, key and value row, read
-//     as one vector when the layout allows; q . k is a warp shuffle reduction; each warp keeps
-//     an online softmax (running max m, sum l, acc) per row in registers, in the log2 domain
-//     (q is pre-scaled by scale * log2(e), so exp is exp2);
-//   * the 4 warps merge through shared memory; with one split the block writes the normalized
-//     output and lse, otherwise the chunk's (o = acc / l, lse) go to fp32 buffers and
-//     decode_merge_kernel combines the chunks of each row exactly.
-// The split count targets two blocks per SM with at least 128 keys per chunk.
+//   * a key row is read as 16-byte vectors: LPK lanes ("lanes per key", head_dim / 8 for 2-byte
+//     types) hold one row, so a warp reads KPW = 32 / LPK whole rows per load instruction
+//     (2 rows of 256 B for head_dim 128 in bf16). Each lane group ("slot") takes its own keys
+//     and keeps its own online softmax (running max m, sum l, acc) per query row in registers,
+//     in the log2 domain (q is pre-scaled by scale * log2(e), so exp is exp2); q . k is a
+//     shuffle reduction over the slot's LPK lanes only;
+//   * a warp takes U key rows per slot at a time, their k and v rows loaded back to back
+//     (2 * U independent 16-byte loads per lane in flight) and kept packed (the raw 16 bytes)
+//     until used, so registers stay low enough for 3-4 blocks per SM;
+//   * the slots and warps merge through shared memory; with one split the block writes the
+//     normalized output and lse, otherwise the chunk's (o = acc / l, lse) go to fp32 buffers
+//     and decode_merge_kernel combines the chunks of each row exactly.
+// The split count aims at whole waves of blocks with at least 128 keys per chunk.
+// The first version (lanes over head_dim with 4-8 byte loads, a full-warp shuffle reduction
+// per key and query row, 189 registers) read only ~500 GB/s on an H200 (benchmarks/results/
+// h200/decode.md, 2026-11-28), an eighth of SDPA's kernel.
 // Headers: ATen core / c10 only (no torch/extension.h), to keep nvcc builds short.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -51,46 +57,69 @@ constexpr int kMaxSplits = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <typename T, int E>
-struct alignas(sizeof(T) * E) Vec {
-  T v[E];
+// 16 bytes of a row: VEC elements of T.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
 };
 
-// The lane's E elements [lane * E, lane * E + E) of a row of d elements (0 past the end).
-template <typename T, int E>
-__device__ __forceinline__ void load_lane(const T* row, int lane, int d, bool vec_ok, float* out) {
-  const int first = lane * E;
-  if (vec_ok && first + E <= d) {
-    const Vec<T, E> tmp = *reinterpret_cast<const Vec<T, E>*>(row + first);
+// Elements [first, first + VEC) of a row of d elements as one 16-byte load when the layout
+// allows, else element by element (0 past the end of the row, and for invalid keys).
+template <typename T>
+__device__ __forceinline__ Vec16<T> load16(const T* row, int first, int d, bool vec_ok,
+                                           bool valid) {
+  constexpr int kVec = Vec16<T>::kSize;
+  Vec16<T> out;
+  if (valid && vec_ok && first + kVec <= d) return *reinterpret_cast<const Vec16<T>*>(row + first);
 #pragma unroll
-    for (int e = 0; e < E; ++e) out[e] = static_cast<float>(tmp.v[e]);
-    return;
-  }
-#pragma unroll
-  for (int e = 0; e < E; ++e) out[e] = first + e < d ? static_cast<float>(row[first + e]) : 0.0f;
+  for (int e = 0; e < kVec; ++e) out.v[e] = valid && first + e < d ? row[first + e] : T(0);
+  return out;
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
+template <int LANES>
+__device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
+  for (int offset = LANES / 2; offset > 0; offset /= 2)
+    x += __shfl_xor_sync(kFullMask, x, offset);
   return x;
 }
 
-// Weight 2^(m - max) of a warp's (or chunk's) partial result; 0 for one that saw no key.
+// Weight 2^(m - max) of a partial result; 0 for one that saw no key.
 __device__ __forceinline__ float weight2(float m, float max_m) {
   return m == -INFINITY ? 0.0f : exp2f(m - max_m);
 }
 
-template <typename scalar_t, int E, int R, int U>
-__global__ void __launch_bounds__(kThreads)
+// Launch shape of decode_partial_kernel for a head-dim class DC (32, 64, 128 or 256), an
+// element type T and R query rows per block.
+template <typename T, int DC, int R>
+struct Tile {
+  static constexpr int kVec = Vec16<T>::kSize;                   // elements per 16 bytes
+  static constexpr int kRowVecs = DC / kVec;                     // 16-byte vectors per row
+  static constexpr int kLanes = kRowVecs < kWarp ? kRowVecs : kWarp;  // lanes per key (LPK)
+  static constexpr int kNV = kRowVecs / kLanes;                  // vectors per lane (1 or 2)
+  static constexpr int kSlots = kWarp / kLanes;                  // keys per warp load (KPW)
+  static constexpr int kElems = kNV * kVec;                      // elements per lane
+  // Keys per slot per step: the k / v rows live as floats (2 * kU * kElems registers) beside
+  // q and acc (2 * R * kElems): at most ~128 registers, so 4 blocks (16 warps) fit an SM.
+  static constexpr int kU = R * kElems >= 32 ? 2 : 4;
+  static constexpr int kMinBlocks = R * kElems >= 16 ? 3 : 4;
+};
+
+template <typename scalar_t, int DC, int R>
+__global__ void __launch_bounds__(kThreads, (Tile<scalar_t, DC, R>::kMinBlocks))
     decode_partial_kernel(DecodeGeometry g, const scalar_t* __restrict__ q,
                           const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
                           scalar_t* __restrict__ out, float* __restrict__ lse,
                           float* __restrict__ part_o, float* __restrict__ part_lse, int splits,
                           int row_chunks, bool vec_ok) {
-  __shared__ float sm_m[kWarps][R];
-  __shared__ float sm_l[kWarps][R];
-  __shared__ float sm_acc[kWarps][R][E * kWarp];
+  using Sh = Tile<scalar_t, DC, R>;
+  constexpr int kVec = Sh::kVec, kLanes = Sh::kLanes, kNV = Sh::kNV, kSlots = Sh::kSlots;
+  constexpr int kElems = Sh::kElems, U = Sh::kU;
+  constexpr int kStates = kWarps * kSlots;  // partial softmax states merged at the end
+  __shared__ float sm_m[kStates][R];
+  __shared__ float sm_l[kStates][R];
+  __shared__ float sm_acc[kStates][R][DC];
 
   const int split = blockIdx.y;
   const int64_t pair = blockIdx.x / row_chunks;  // batch * kv_heads + kv head
@@ -101,112 +130,129 @@ __global__ void __launch_bounds__(kThreads)
   const int live = min(R, rows - r0);  // rows of this block (the same for all its warps)
   const int d = static_cast<int>(g.head_dim);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int slot = lane / kLanes, sl = lane % kLanes;  // key slot, lane within the slot
   const KeyRange chunk = split_keys(split, g.k_len, splits);
   const float q_scale = static_cast<float>(g.scale) * kLog2e;
 
-  float qr[R][E], acc[R][E], m[R], l[R];
-  int64_t lo[R], hi[R];
-  int64_t keys_lo = chunk.hi, keys_hi = chunk.lo;
+  // Per row: the lane's slice of q, the visible keys as offsets from chunk.lo, the state.
+  float qr[R][kElems], acc[R][kElems], m[R], l[R];
+  int lo[R], hi[R];
+  int keys_lo = static_cast<int>(chunk.hi - chunk.lo), keys_hi = 0;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     m[r] = -INFINITY;
     l[r] = 0.0f;
-#pragma unroll
-    for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
-    const int row = r0 + r;
     lo[r] = hi[r] = 0;
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) acc[r][e] = qr[r][e] = 0.0f;
+    const int row = r0 + r;
     if (row < rows) {
       const int64_t head = hkv * group + row / g.q_len, token = row % g.q_len;
-      load_lane<scalar_t, E>(q + b * g.q_stride[0] + head * g.q_stride[1] + token * g.q_stride[2],
-                             lane, d, vec_ok, qr[r]);
+      const scalar_t* q_row =
+          q + b * g.q_stride[0] + head * g.q_stride[1] + token * g.q_stride[2];
 #pragma unroll
-      for (int e = 0; e < E; ++e) qr[r][e] *= q_scale;
+      for (int n = 0; n < kNV; ++n) {
+        const Vec16<scalar_t> x = load16(q_row, (n * kLanes + sl) * kVec, d, vec_ok, true);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) qr[r][n * kVec + e] = static_cast<float>(x.v[e]) * q_scale;
+      }
       const KeyRange seen = intersect(
           chunk, visible_keys(token, g.q_len, g.k_len, g.causal, g.window_left, g.window_right));
-      lo[r] = seen.lo;
-      hi[r] = seen.hi;
       if (seen.hi > seen.lo) {
-        keys_lo = min(keys_lo, seen.lo);
-        keys_hi = max(keys_hi, seen.hi);
+        lo[r] = static_cast<int>(seen.lo - chunk.lo);
+        hi[r] = static_cast<int>(seen.hi - chunk.lo);
+        keys_lo = min(keys_lo, lo[r]);
+        keys_hi = max(keys_hi, hi[r]);
       }
-    } else {
-#pragma unroll
-      for (int e = 0; e < E; ++e) qr[r][e] = 0.0f;
     }
   }
 
-  const scalar_t* kb = k + b * g.k_stride[0] + hkv * g.k_stride[1];
-  const scalar_t* vb = v + b * g.v_stride[0] + hkv * g.v_stride[1];
-  // Warp w takes keys [j0, j0 + U) for j0 = keys_lo + w * U, + kWarps * U, ...: the 2 * U row
-  // loads of a group are issued back to back (more bytes in flight per warp), and the online
-  // softmax rescales once per group.
-  for (int64_t j0 = keys_lo + warp * U; j0 < keys_hi; j0 += kWarps * U) {
-    float kr[U][E], vr[U][E];
+  const scalar_t* kb = k + b * g.k_stride[0] + hkv * g.k_stride[1] + chunk.lo * g.k_stride[2];
+  const scalar_t* vb = v + b * g.v_stride[0] + hkv * g.v_stride[1] + chunk.lo * g.v_stride[2];
+  // Step j0 of warp w covers keys [j0, j0 + U * kSlots): slot s takes j0 + u * kSlots + s, so
+  // a warp load reads kSlots adjacent rows.
+  constexpr int kStepKeys = U * kSlots;
+  for (int j0 = keys_lo + warp * kStepKeys; j0 < keys_hi; j0 += kWarps * kStepKeys) {
+    Vec16<scalar_t> kr[U][kNV], vr[U][kNV];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (j0 + u < keys_hi) {
-        load_lane<scalar_t, E>(kb + (j0 + u) * g.k_stride[2], lane, d, vec_ok, kr[u]);
-        load_lane<scalar_t, E>(vb + (j0 + u) * g.v_stride[2], lane, d, vec_ok, vr[u]);
-      } else {
+      const int j = j0 + u * kSlots + slot;
+      const bool valid = j < keys_hi;
 #pragma unroll
-        for (int e = 0; e < E; ++e) kr[u][e] = vr[u][e] = 0.0f;
+      for (int n = 0; n < kNV; ++n) {
+        const int first = (n * kLanes + sl) * kVec;
+        kr[u][n] = load16(kb + static_cast<int64_t>(j) * g.k_stride[2], first, d, vec_ok, valid);
+        vr[u][n] = load16(vb + static_cast<int64_t>(j) * g.v_stride[2], first, d, vec_ok, valid);
       }
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      if (r >= live) break;
+      if (r >= live) break;  // uniform over the block
       float s[U];
       float m_new = m[r];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         float partial = 0.0f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) partial += qr[r][e] * kr[u][e];
-        s[u] = warp_sum(partial);  // the same value in every lane
-        if (j0 + u < lo[r] || j0 + u >= hi[r]) s[u] = -INFINITY;
+        for (int n = 0; n < kNV; ++n)
+#pragma unroll
+          for (int e = 0; e < kVec; ++e)
+            partial += qr[r][n * kVec + e] * static_cast<float>(kr[u][n].v[e]);
+        s[u] = group_sum<kLanes>(partial);  // the same value in the slot's lanes
+        const int j = j0 + u * kSlots + slot;
+        if (j < lo[r] || j >= hi[r]) s[u] = -INFINITY;
         m_new = fmaxf(m_new, s[u]);
       }
-      if (m_new == -INFINITY) continue;  // no key of the group is visible to this row
-      const float corr = exp2f(m[r] - m_new);  // 0 while m was -inf
-      float p[U], p_sum = 0.0f;
+      // Past the shuffles, slots may diverge: a slot none of whose keys in this step is
+      // visible to the row (m_new = -inf) leaves its state alone.
+      if (m_new != -INFINITY) {
+        const float corr = exp2f(m[r] - m_new);  // 0 while m was -inf
+        float p[U], p_sum = 0.0f;
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        p[u] = exp2f(s[u] - m_new);  // 0 for invisible keys
-        p_sum += p[u];
+        for (int u = 0; u < U; ++u) {
+          p[u] = exp2f(s[u] - m_new);  // 0 for invisible keys
+          p_sum += p[u];
+        }
+        l[r] = l[r] * corr + p_sum;
+#pragma unroll
+        for (int n = 0; n < kNV; ++n)
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            float value = acc[r][n * kVec + e] * corr;
+#pragma unroll
+            for (int u = 0; u < U; ++u) value += p[u] * static_cast<float>(vr[u][n].v[e]);
+            acc[r][n * kVec + e] = value;
+          }
+        m[r] = m_new;
       }
-      l[r] = l[r] * corr + p_sum;
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        float value = acc[r][e] * corr;
-#pragma unroll
-        for (int u = 0; u < U; ++u) value += p[u] * vr[u][e];
-        acc[r][e] = value;
-      }
-      m[r] = m_new;
     }
   }
 
-  // Merge the warps' partial results through shared memory.
+  // Merge the slots' and warps' partial results through shared memory.
+  const int state = warp * kSlots + slot;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    if (lane == 0) {
-      sm_m[warp][r] = m[r];
-      sm_l[warp][r] = l[r];
+    if (sl == 0) {
+      sm_m[state][r] = m[r];
+      sm_l[state][r] = l[r];
     }
 #pragma unroll
-    for (int e = 0; e < E; ++e) sm_acc[warp][r][lane * E + e] = acc[r][e];
+    for (int n = 0; n < kNV; ++n)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e)
+        sm_acc[state][r][(n * kLanes + sl) * kVec + e] = acc[r][n * kVec + e];
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < R * E * kWarp; idx += kThreads) {
-    const int r = idx / (E * kWarp), col = idx % (E * kWarp);
+  for (int idx = threadIdx.x; idx < R * DC; idx += kThreads) {
+    const int r = idx / DC, col = idx % DC;
     const int row = r0 + r;
     if (row >= rows || col >= d) continue;
     float max_m = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) max_m = fmaxf(max_m, sm_m[w][r]);
+    for (int w = 0; w < kStates; ++w) max_m = fmaxf(max_m, sm_m[w][r]);
     float total = 0.0f, value = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < kStates; ++w) {
       const float wt = weight2(sm_m[w][r], max_m);
       total += sm_l[w][r] * wt;
       value += sm_acc[w][r][col] * wt;
@@ -259,37 +305,45 @@ int multiprocessors(int device) {
   return std::max(count, 1);
 }
 
-int64_t cuda_splits(const DecodeGeometry& g, int64_t blocks, int sms, int64_t requested) {
+// Auto split count: whole waves of blocks (`slots` = blocks resident on the GPU at once), the
+// most waves up to 4 that keep at least kMinKeysPerSplit keys per chunk.
+int64_t cuda_splits(const DecodeGeometry& g, int64_t blocks, int64_t slots, int64_t requested) {
   if (g.k_len == 0) return 1;
   if (requested > 0) return std::min<int64_t>({requested, g.k_len, kMaxSplits});
-  const int64_t want = (2 * sms + blocks - 1) / blocks;
-  const int64_t most = std::max<int64_t>(1, g.k_len / kMinKeysPerSplit);
-  return std::clamp<int64_t>(std::min(want, most), 1, kMaxSplits);
+  const int64_t most = std::clamp<int64_t>(g.k_len / kMinKeysPerSplit, 1, kMaxSplits);
+  for (int64_t waves = 4; waves >= 1; --waves) {
+    const int64_t splits = waves * slots / blocks;
+    if (splits >= 1 && splits <= most) return splits;
+  }
+  // None fits: a batch that fills the GPU without splitting, or a short cache.
+  return blocks >= slots ? 1 : most;
 }
 
-// Whether every row of q, k, v starts on an E-element vector boundary.
+// Whether every row of q, k, v starts on a 16-byte boundary (and head_dim fills whole
+// vectors), so rows can be read as 16-byte vectors.
 bool vector_ok(const DecodeGeometry& g, const at::Tensor& q, const at::Tensor& k,
-               const at::Tensor& v, int e, size_t elem) {
-  if (g.head_dim % e) return false;
+               const at::Tensor& v, size_t elem) {
+  const int64_t vec = static_cast<int64_t>(16 / elem);
+  if (g.head_dim % vec) return false;
   for (const at::Tensor* t : {&q, &k, &v}) {
-    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % (e * elem)) return false;
+    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16) return false;
     for (int i = 0; i < 3; ++i)
-      if (t->size(i) > 1 && t->stride(i) % e) return false;
+      if (t->size(i) > 1 && t->stride(i) % vec) return false;
   }
   return true;
 }
 
-template <typename scalar_t, int E>
+template <typename scalar_t, int DC, int R>
 void launch(const DecodeGeometry& g, const at::Tensor& q, const at::Tensor& k,
             const at::Tensor& v, at::Tensor& out, at::Tensor& lse, int64_t requested) {
-  constexpr int R = E >= 8 ? 4 : 8;  // registers: R * E * 2 floats per lane for q and acc
-  constexpr int U = E >= 8 ? 2 : 4;  // keys per warp step: U * E * 2 floats for k and v rows
   const int64_t rows = g.q_heads / g.kv_heads * g.q_len;
   const int64_t row_chunks = (rows + R - 1) / R;
   const int64_t blocks = g.batch * g.kv_heads * row_chunks;
-  const int64_t splits = cuda_splits(g, blocks, multiprocessors(q.get_device()), requested);
+  const int64_t slots =
+      static_cast<int64_t>(multiprocessors(q.get_device())) * Tile<scalar_t, DC, R>::kMinBlocks;
+  const int64_t splits = cuda_splits(g, blocks, slots, requested);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool vec_ok = vector_ok(g, q, k, v, E, sizeof(scalar_t));
+  const bool vec_ok = vector_ok(g, q, k, v, sizeof(scalar_t));
   at::Tensor part_o, part_lse;
   if (splits > 1) {
     const int64_t all_rows = g.batch * g.q_heads * g.q_len;
@@ -297,7 +351,7 @@ void launch(const DecodeGeometry& g, const at::Tensor& q, const at::Tensor& k,
     part_lse = at::empty({all_rows * splits}, q.options().dtype(at::kFloat));
   }
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
-  decode_partial_kernel<scalar_t, E, R, U><<<grid, kThreads, 0, stream>>>(
+  decode_partial_kernel<scalar_t, DC, R><<<grid, kThreads, 0, stream>>>(
       g, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
       v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
       lse.mutable_data_ptr<float>(), splits > 1 ? part_o.mutable_data_ptr<float>() : nullptr,
@@ -314,14 +368,26 @@ void launch(const DecodeGeometry& g, const at::Tensor& q, const at::Tensor& k,
   }
 }
 
+// Rows per block: the smallest of 1, 2, 4 holding the GQA group's rows (at most 4, for
+// registers; larger groups take several row chunks, whose blocks read the same keys at about the
+// same time, so mostly from L2).
+template <typename scalar_t, int DC>
+void launch_for_rows(const DecodeGeometry& g, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, at::Tensor& out, at::Tensor& lse, int64_t requested) {
+  const int64_t rows = g.q_heads / g.kv_heads * g.q_len;
+  if (rows <= 1) return launch<scalar_t, DC, 1>(g, q, k, v, out, lse, requested);
+  if (rows <= 2) return launch<scalar_t, DC, 2>(g, q, k, v, out, lse, requested);
+  return launch<scalar_t, DC, 4>(g, q, k, v, out, lse, requested);
+}
+
 template <typename scalar_t>
 void launch_for_head_dim(const DecodeGeometry& g, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
                          int64_t requested) {
-  if (g.head_dim <= 32) return launch<scalar_t, 1>(g, q, k, v, out, lse, requested);
-  if (g.head_dim <= 64) return launch<scalar_t, 2>(g, q, k, v, out, lse, requested);
-  if (g.head_dim <= 128) return launch<scalar_t, 4>(g, q, k, v, out, lse, requested);
-  return launch<scalar_t, 8>(g, q, k, v, out, lse, requested);
+  if (g.head_dim <= 32) return launch_for_rows<scalar_t, 32>(g, q, k, v, out, lse, requested);
+  if (g.head_dim <= 64) return launch_for_rows<scalar_t, 64>(g, q, k, v, out, lse, requested);
+  if (g.head_dim <= 128) return launch_for_rows<scalar_t, 128>(g, q, k, v, out, lse, requested);
+  return launch_for_rows<scalar_t, 256>(g, q, k, v, out, lse, requested);
 }
 
 }  // namespace cuda_detail
