@@ -10,7 +10,8 @@ Notation: a query row i of one (batch, head) sequence of Tq queries sees key j o
 -1 means unbounded). Scores are computed in the log2 domain: s = (q . k) * scale * log2(e),
 so every exponential is an ``exp2``.
 
-* Forward (``_fwd_kernel``): one program per (BLOCK_M query rows, batch * q-head). It walks
+* Forward (``_fwd_kernel``): one program per (batch * q-head, BLOCK_M query rows), the last
+  query blocks (the longest under a causal mask) launched first. It walks
   the key blocks that can be visible to its rows with an online softmax: running row max m,
   running normalizer l, fp32 accumulator acc; rescales acc by exp2(m_old - m_new) when the max
   grows. The walk is split into at most three ranges: key blocks at the left window edge
@@ -218,12 +219,20 @@ def _fwd_inner(
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no head-dim padding to mask
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kT = tl.load(
-            kT_ptrs + start_n * stride_kt, mask=d_ok[:, None] & (cols[None, :] < Tk), other=0.0
-        )
+        # The unmasked blocks lie inside [0, Tk): their loads need no key-bound mask (and none
+        # at all without head-dim padding), which keeps the pipelined loads simple.
+        if MASKED:
+            kT = tl.load(
+                kT_ptrs + start_n * stride_kt, mask=d_ok[:, None] & (cols[None, :] < Tk), other=0.0
+            )
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs + start_n * stride_kt)
+        else:
+            kT = tl.load(kT_ptrs + start_n * stride_kt, mask=d_ok[:, None], other=0.0)
         s = _dot(q, kT, DOT_FP32, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASKED:
             vis = _visible(rows[:, None], cols[None, :], Tq, Tk, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
@@ -240,9 +249,14 @@ def _fwd_inner(
         if DROPOUT:
             keep = _keep(seed, rng_rows[:, None], cols[None, :], RNG_COLS, drop_p)
             p = tl.where(keep, p, 0.0)
-        v = tl.load(
-            v_ptrs + start_n * stride_vt, mask=(cols[:, None] < Tk) & d_ok[None, :], other=0.0
-        )
+        if MASKED:
+            v = tl.load(
+                v_ptrs + start_n * stride_vt, mask=(cols[:, None] < Tk) & d_ok[None, :], other=0.0
+            )
+        elif EVEN_D:
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=d_ok[None, :], other=0.0)
         acc += _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -293,8 +307,10 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Grid (batch * heads, query blocks), the last query blocks first: under a causal mask they
+    # see the most keys, so the longest programs start first and the short ones fill the tail.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -345,18 +361,21 @@ def _fwd_kernel(
             Tq, Tk, LEFT, RIGHT, qk_scale, drop_p, seed, rng_rows, SEQ_K,
             lo, tl.minimum(full_lo, hi),
             True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_FP32, PRECISION, BLOCK_N,
+            HEAD_D == BLOCK_D,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n, d_ok,
             Tq, Tk, LEFT, RIGHT, qk_scale, drop_p, seed, rng_rows, SEQ_K,
             full_lo, full_hi,
             False, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_FP32, PRECISION, BLOCK_N,
+            HEAD_D == BLOCK_D,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n, d_ok,
             Tq, Tk, LEFT, RIGHT, qk_scale, drop_p, seed, rng_rows, SEQ_K,
             full_hi, hi,
             True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_FP32, PRECISION, BLOCK_N,
+            HEAD_D == BLOCK_D,
         )  # fmt: skip
 
         has_key = l_i > 0.0
@@ -1050,7 +1069,7 @@ def attention_fwd(
         _bucket(geo.max_q), _bucket(geo.max_k),
     )  # fmt: skip
     flags = {"HAS_LEFT": left >= 0, "HAS_RIGHT": right >= 0, "DROPOUT": dropout_p > 0.0}
-    grid = lambda bm, bn: (triton.cdiv(geo.max_q, bm), geo.batch * geo.hq)  # noqa: E731
+    grid = lambda bm, bn: (geo.batch * geo.hq, triton.cdiv(geo.max_q, bm))  # noqa: E731
     _launch("fwd", geo.block_d, q.dtype, grid, args, {**flags, **geo.common(q.dtype)})
     return out, lse
 
