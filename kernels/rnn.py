@@ -13,7 +13,11 @@ of all steps and both directions (``torch.addmm``), then per step a recurrent GE
 and the fused gate kernel; backward per step the fused gate-gradient kernel and one GEMM, and
 the weight gradients as single GEMMs over all steps. Variable lengths sort the batch once so
 that each step runs on the prefix of rows still active (padded steps cost nothing). Math and
-saved activations are fp32 (inputs of other dtypes are converted once per call).
+saved activations are fp32 (inputs of other dtypes are converted once per call); for
+float16 / bfloat16 inputs the once-per-call GEMMs (input projections, dx, weight gradients) take
+half-precision operands with fp32 accumulation, the per-step GEMMs stay fp32 (a per-step
+conversion would cost a launch). Per-step GEMMs write into preallocated buffers (``out=``,
+``addmm_``): one GEMM and one kernel launch per step and direction, forward and backward.
 
 Trade-off: the time loop runs in Python here, not in the C++ loop of the ``cuda`` backend. The
 C++ loop cannot launch Triton kernels without a Python round trip per step, so sharing it would
@@ -277,10 +281,30 @@ def _split(weights, mode, has_biases, proj_size, bidirectional):
     return dirs, per_dir
 
 
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Operand dtype of the once-per-call GEMMs (input projections, dx, weight gradients):
+    the input's for float16 / bfloat16 (fp32 accumulation and results), else the compute type."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else _acc(dtype)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 (fp64 for fp64) results. Half-precision operands on CUDA: cuBLAS's
+    mixed-precision GEMM (``out_dtype``, torch >= 2.8); elsewhere the operands are converted
+    first, which computes the same products exactly."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        if a.is_cuda:
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):
+                pass  # older torch: convert below
+        return a.float() @ b.float()
+    return a @ b
+
+
 def layer_fwd(x, h0, c0, lengths, weights, mode, proj_size, has_biases, bidirectional):
     """One layer, all directions: see the module docstring and ``turbolm::rnn_layer_fwd``."""
     steps, batch, inp = x.shape
-    acc = _acc(x.dtype)
+    acc, gdt = _acc(x.dtype), _gemm_dtype(x.dtype)
     dirs, _ = _split(weights, mode, has_biases, proj_size, bidirectional)
     D = len(dirs)
     hidden = dirs[0][1].shape[0] // GATES[mode]
@@ -288,12 +312,13 @@ def layer_fwd(x, h0, c0, lengths, weights, mode, proj_size, has_biases, bidirect
     S = SAVED[mode] * hidden
     active, perm, inv, padded = _batching(lengths, steps, batch, x.device)
 
-    xs = x.to(acc)
+    xs = x.to(gdt)
     if perm is not None:
         xs = xs.index_select(1, perm)
     xs = xs.contiguous()
-    w_ih = torch.cat([d[0] for d in dirs]).to(acc)  # (D*G, I)
-    gi_flat = xs.view(steps * batch, inp)
+    w_ih = torch.cat([d[0] for d in dirs]).to(gdt)  # (D*G, I)
+    xs2 = xs.view(steps * batch, inp)
+    bias = None
     if has_biases:
         biases = []
         for _, _, b_ih, b_hh, _ in dirs:
@@ -301,9 +326,13 @@ def layer_fwd(x, h0, c0, lengths, weights, mode, proj_size, has_biases, bidirect
             if mode == "gru":
                 b[2 * hidden :] = b_ih[2 * hidden :].to(acc)
             biases.append(b)
-        gi = torch.addmm(torch.cat(biases), gi_flat, w_ih.t())
-    else:
-        gi = gi_flat @ w_ih.t()  # (T*B, D*G)
+        bias = torch.cat(biases)
+    if gdt == acc:  # (T*B, D*G)
+        gi = torch.addmm(bias, xs2, w_ih.t()) if bias is not None else xs2 @ w_ih.t()
+    else:  # half-precision operands, fp32 results
+        gi = _mm_f32(xs2, w_ih.t())
+        if bias is not None:
+            gi += bias
 
     def to_sorted(t):
         t = t.to(acc)
@@ -316,9 +345,10 @@ def layer_fwd(x, h0, c0, lengths, weights, mode, proj_size, has_biases, bidirect
     hprev = _new((D, steps, batch, P), gi, zero=padded)
     hraw = _new((D, steps, batch, hidden), gi, zero=padded) if proj_size else None
     bhn_zero = gi.new_zeros(hidden) if mode == "gru" else None
+    gh_buf = gi.new_empty(batch, G)  # each step's recurrent projections (rows [0, n))
     for d, (_, w_hh, _, b_hh, w_hr) in enumerate(dirs):
-        w_hh = w_hh.to(acc)
-        w_hr = w_hr.to(acc) if w_hr is not None else None
+        w_hh_t = w_hh.to(acc).t()  # (P, G)
+        w_hr_t = w_hr.to(acc).t() if w_hr is not None else None
         b_hn = bhn_zero
         if mode == "gru" and b_hh is not None:
             b_hn = b_hh[2 * hidden :].to(acc).contiguous()
@@ -328,7 +358,7 @@ def layer_fwd(x, h0, c0, lengths, weights, mode, proj_size, has_biases, bidirect
             n = active[t]
             if n == 0:
                 continue
-            gh = h_d[:n] @ w_hh.t()  # (n, G)
+            gh = torch.mm(h_d[:n], w_hh_t, out=gh_buf[:n])  # (n, G), no allocation
             dt = (d * steps + t) * batch
             out, out_off, out_ld = (
                 (hraw, dt * hidden, hidden) if proj_size else (y, t * batch * D * P + d * P, D * P)
@@ -359,7 +389,7 @@ def layer_fwd(x, h0, c0, lengths, weights, mode, proj_size, has_biases, bidirect
                 BLOCK_H=BLOCK_H,
             )
             if proj_size:
-                h_d[:n] = hraw[d, t, :n] @ w_hr.t()
+                torch.mm(hraw[d, t, :n], w_hr_t, out=h_d[:n])
                 y[t, :n, d * P : (d + 1) * P] = h_d[:n]
 
     def to_original(t):
@@ -376,7 +406,7 @@ def layer_bwd(
 ):
     """Gradients of :func:`layer_fwd`: ``(dx, dh0, dc0 | None, dweights)`` (weights' order)."""
     steps, batch, inp = x.shape
-    acc = _acc(x.dtype)
+    acc, gdt = _acc(x.dtype), _gemm_dtype(x.dtype)
     dirs, per_dir = _split(weights, mode, has_biases, proj_size, bidirectional)
     D = len(dirs)
     hidden = dirs[0][1].shape[0] // GATES[mode]
@@ -408,9 +438,11 @@ def layer_bwd(
                 continue
             dt = (d * steps + t) * batch
             if proj_size:
-                rows = dh_d[:n] + dy_s[t, :n, d * P : (d + 1) * P] if dy_s is not None else dh_d[:n]
-                dhp[d, t, :n] = rows
-                dh_raw[:n] = dhp[d, t, :n] @ w_hr
+                if dy_s is not None:
+                    torch.add(dh_d[:n], dy_s[t, :n, d * P : (d + 1) * P], out=dhp[d, t, :n])
+                else:
+                    dhp[d, t, :n] = dh_d[:n]
+                torch.mm(dhp[d, t, :n], w_hr, out=dh_raw[:n])
                 dh_args = (dh_raw, 0, hidden)
                 dy_args, has_dy = (dh_raw, 0, 0), False
             else:
@@ -440,25 +472,30 @@ def layer_bwd(
                 BLOCK_H=BLOCK_H,
             )
             if mode == "gru":
-                dh_d[:n] += dgh[d, t, :n] @ w_hh
+                dh_d[:n].addmm_(dgh[d, t, :n], w_hh)  # in place, no temporary
             else:
-                dh_d[:n] = dgi[t, :n, d * G : (d + 1) * G] @ w_hh
+                torch.mm(dgi[t, :n, d * G : (d + 1) * G], w_hh, out=dh_d[:n])
 
-    xs = x.to(acc)
+    # Single GEMMs over all steps; half-precision layers run them on half-precision operands
+    # (dG rounded once) with fp32 accumulation, as the cuda backend.
+    xs = x.to(gdt)
     if perm is not None:
         xs = xs.index_select(1, perm)
     xs = xs.reshape(steps * batch, inp)
     dgi2 = dgi.view(steps * batch, D * G)
-    w_ih = torch.cat([d[0] for d in dirs]).to(acc)
-    dx = (dgi2 @ w_ih).view(steps, batch, inp)
-    dw_ih = dgi2.t() @ xs
+    dgi2_g = dgi2.to(gdt)
+    hprev_g = hprev.to(gdt)
+    w_ih = torch.cat([d[0] for d in dirs]).to(gdt)
+    dx = _mm_f32(dgi2_g, w_ih).view(steps, batch, inp)
+    dw_ih = _mm_f32(dgi2_g.t(), xs)
     db = dgi2.sum(0) if has_biases else None
     dweights = [None] * len(weights)
     for d in range(D):
         dgh_d = dgh[d].view(-1, G) if mode == "gru" else dgi2[:, d * G : (d + 1) * G]
+        dgh_g = dgh_d.to(gdt) if mode == "gru" else dgi2_g[:, d * G : (d + 1) * G]
         base, wt = d * per_dir, weights[d * per_dir].dtype
         dweights[base] = dw_ih[d * G : (d + 1) * G].to(wt)
-        dweights[base + 1] = (dgh_d.t() @ hprev[d].view(-1, P)).to(wt)
+        dweights[base + 1] = _mm_f32(dgh_g.t(), hprev_g[d].view(-1, P)).to(wt)
         if has_biases:
             dweights[base + 2] = db[d * G : (d + 1) * G].to(wt)
             dweights[base + 3] = (dgh_d.sum(0) if mode == "gru" else db[d * G : (d + 1) * G]).to(wt)

@@ -19,8 +19,9 @@
 // the exp / tanh polynomials vectorize.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/native/CPUBlas.h>
 #include <ATen/core/stack.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -29,6 +30,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "rnn_layer.h"
@@ -42,32 +44,35 @@ namespace turbolm::rnn {
 namespace {
 
 // ---- CPU gate kernels ------------------------------------------------------------------------
+//
+// T: the compute type (float / double), L: the GEMM operand type (T, or c10::Half / BFloat16
+// for half-precision layers; rnn_math.h).
 
-template <typename T>
-using FwdRange = void (*)(const FwdStep<T>&, int64_t, int64_t);
-template <typename T>
-using BwdRange = void (*)(const BwdStep<T>&, int64_t, int64_t);
+template <typename T, typename L>
+using FwdRange = void (*)(const FwdStep<T, L>&, int64_t, int64_t);
+template <typename T, typename L>
+using BwdRange = void (*)(const BwdStep<T, L>&, int64_t, int64_t);
 
-template <int MODE, bool PROJ, typename T>
-void fwd_range(const FwdStep<T>& s, int64_t b0, int64_t b1) {
+template <int MODE, bool PROJ, typename T, typename L>
+void fwd_range(const FwdStep<T, L>& s, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) fwd_row<MODE, PROJ>(s, b);
 }
 
-template <int MODE, bool HAS_DY, typename T>
-void bwd_range(const BwdStep<T>& s, int64_t b0, int64_t b1) {
+template <int MODE, bool HAS_DY, typename T, typename L>
+void bwd_range(const BwdStep<T, L>& s, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) bwd_row<MODE, HAS_DY>(s, b);
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define TURBOLM_RNN_AVX2 1
-template <int MODE, bool PROJ, typename T>
-__attribute__((target("avx2,fma"))) void fwd_range_avx2(const FwdStep<T>& s, int64_t b0,
+template <int MODE, bool PROJ, typename T, typename L>
+__attribute__((target("avx2,fma"))) void fwd_range_avx2(const FwdStep<T, L>& s, int64_t b0,
                                                         int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) fwd_row<MODE, PROJ>(s, b);
 }
 
-template <int MODE, bool HAS_DY, typename T>
-__attribute__((target("avx2,fma"))) void bwd_range_avx2(const BwdStep<T>& s, int64_t b0,
+template <int MODE, bool HAS_DY, typename T, typename L>
+__attribute__((target("avx2,fma"))) void bwd_range_avx2(const BwdStep<T, L>& s, int64_t b0,
                                                         int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) bwd_row<MODE, HAS_DY>(s, b);
 }
@@ -81,21 +86,21 @@ bool cpu_has_avx2() {
 }
 #endif
 
-template <int MODE, bool PROJ, typename T>
-FwdRange<T> fwd_kernel() {
+template <int MODE, bool PROJ, typename T, typename L>
+FwdRange<T, L> fwd_kernel() {
 #ifdef TURBOLM_RNN_AVX2
-  if (cpu_has_avx2()) return &fwd_range_avx2<MODE, PROJ, T>;
+  if (cpu_has_avx2()) return &fwd_range_avx2<MODE, PROJ, T, L>;
 #endif
-  return &fwd_range<MODE, PROJ, T>;
+  return &fwd_range<MODE, PROJ, T, L>;
 }
 
-template <int MODE, typename T>
-BwdRange<T> bwd_kernel(bool has_dy) {
+template <int MODE, typename T, typename L>
+BwdRange<T, L> bwd_kernel(bool has_dy) {
 #ifdef TURBOLM_RNN_AVX2
   if (cpu_has_avx2())
-    return has_dy ? &bwd_range_avx2<MODE, true, T> : &bwd_range_avx2<MODE, false, T>;
+    return has_dy ? &bwd_range_avx2<MODE, true, T, L> : &bwd_range_avx2<MODE, false, T, L>;
 #endif
-  return has_dy ? &bwd_range<MODE, true, T> : &bwd_range<MODE, false, T>;
+  return has_dy ? &bwd_range<MODE, true, T, L> : &bwd_range<MODE, false, T, L>;
 }
 
 // Threads for n rows of `per_row` units: about one per 16K units, at most torch's intra-op
@@ -129,18 +134,19 @@ void run_rows(const Step& s, Fn fn, int nt) {
 // ---- GEMMs -------------------------------------------------------------------------------
 //
 // ATen's at::mm goes to MKL, which on non-Intel CPUs (the AMD EPYC dev / CI machines) runs
-// its slower generic paths; oneDNN's kernels use AVX-512 there too. So, for float32:
-// * the per-step GEMMs (M = rows still running, N = G or P, K = P or G) call oneDNN's brgemm
-//   micro-kernel through at::native::cpublas::brgemm, tiled over N in blocks of 64 columns
-//   (OpenMP over the tiles), writing straight into the layer's buffers: no allocation, no
-//   dispatcher, and accumulation (GRU) in place. Measured here, B32 H256 single thread:
-//   167 us per step vs 228 us with at::mm;
-// * the input projections use the same micro-kernel, tiled over rows, written straight into
-//   the ws slots; dx goes through ATen's `mkldnn::_linear_pointwise` op (oneDNN): both ~21 ms
-//   vs 25-30 ms with at::mm for (4096 x 256) x (256 x 1024). The weight gradients stay on
-//   at::mm: feeding oneDNN would need transposed copies of dG that cost what they save.
-// float64 and builds without these entry points use at::mm. TURBOLM_RNN_GEMM=aten forces
-// at::mm everywhere (benchmarks compare both).
+// its slower generic paths; oneDNN's kernels use AVX-512 there too. So, for float32, the
+// GEMMs of the layer loop (K::gemm: per-step recurrent GEMMs, M = rows still running, N = G
+// or P, K = P or G; the input projections, M = T*B) call oneDNN's brgemm micro-kernel
+// through at::native::cpublas::brgemm, writing straight into the layer's buffers: no
+// allocation, no dispatcher, and accumulation in place. Small M: tiled over N in blocks of 64
+// columns (OpenMP over the tiles); measured here, B32 H256 single thread: 167 us per step vs
+// 228 us with at::mm. Large M: tiled over rows (~21 ms vs 25-30 ms with at::mm for
+// (4096 x 256) x (256 x 1024)). dx goes through ATen's `mkldnn::_linear_pointwise` op
+// (oneDNN). The weight gradients (K::mm) stay on at::mm: feeding oneDNN would need transposed
+// copies of dG that cost what they save. float64 and builds without these entry points use
+// at::mm; TURBOLM_RNN_GEMM=aten forces at::mm everywhere (benchmarks compare both).
+// Half-precision operands are converted to float32 first (exact), so the CPU computes what
+// the GPU's half-precision GEMMs with fp32 accumulation compute.
 
 bool gemm_forced_aten() {
   static const bool forced = [] {
@@ -157,15 +163,11 @@ const std::optional<c10::OperatorHandle>& onednn_linear() {
   return op;
 }
 
-bool is_float(const at::Tensor& t) { return t.scalar_type() == c10::ScalarType::Float; }
-
 #ifdef CPUBLAS_BRGEMM_F32F32F32
 constexpr bool kHasBrgemm = true;
 #else
 constexpr bool kHasBrgemm = false;
 #endif
-
-bool use_brgemm(const at::Tensor& t) { return kHasBrgemm && is_float(t) && !gemm_forced_aten(); }
 
 // C (M, N) [+]= A (M, K) @ B (K, N), row-major with leading dimensions, through the brgemm
 // micro-kernel: tiles of kTileM x kTileN, OpenMP over the N tiles.
@@ -213,6 +215,10 @@ void brgemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
 #endif
 }
 
+c10::ScalarType compute_type(c10::ScalarType t) {
+  return t == c10::ScalarType::Double ? c10::ScalarType::Double : c10::ScalarType::Float;
+}
+
 struct CpuKernels {
   struct Guard {
     explicit Guard(const c10::Device&) {}
@@ -220,14 +226,72 @@ struct CpuKernels {
 
   static void check_device(const char* op, const at::Tensor& x) { CHECK_CPU(x); }
 
-  // a (M, K) @ w^T (+ bias) -> fresh contiguous (M, N), w (N, K): the large GEMMs.
-  static at::Tensor linear(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias) {
-    if (!is_float(a) || !onednn_linear() || a.size(0) == 0 || w.numel() == 0) {
-      return bias.defined() ? at::addmm(bias, a, w.t()) : at::mm(a, w.t());
+  // The B (K, N) operand of gemm: a contiguous copy in the compute type (no copy when it is
+  // one already, e.g. the transposed view of a transposed weight); undefined stays undefined.
+  struct Weight {
+    at::Tensor b;
+  };
+  static Weight step_weight(const at::Tensor& b) {
+    if (!b.defined()) return {b};
+    return {b.to(compute_type(b.scalar_type())).contiguous()};
+  }
+
+  // C [+]= A @ B (row-major matrices; A in the GEMM type In, converted to Out first when
+  // they differ).
+  template <typename In, typename Out>
+  static void gemm(const Mat<Out>& c, const Mat<const In>& a, const Weight& w, bool accumulate) {
+    if (c.rows == 0 || c.cols == 0) return;
+    const auto out_t = c10::CppTypeToScalarType<Out>::value;
+    const auto opts = at::TensorOptions().dtype(out_t);
+    const Out* a_p = nullptr;
+    int64_t lda = a.ld;
+    at::Tensor a_conv;
+    if constexpr (std::is_same_v<In, Out>) {
+      a_p = a.data;
+    } else {
+      a_conv = at::from_blob(const_cast<In*>(a.data), {a.rows, a.cols}, {a.ld, 1},
+                             at::TensorOptions().dtype(c10::CppTypeToScalarType<In>::value))
+                   .to(out_t);
+      a_p = a_conv.const_data_ptr<Out>();
+      lda = a.cols;
+    }
+    if constexpr (std::is_same_v<Out, float>) {
+      if (kHasBrgemm && !gemm_forced_aten() && a.cols > 0) {
+        const float* b = w.b.const_data_ptr<float>();
+        if (!accumulate && c.rows > 256) {
+          brgemm_rows(c.rows, c.cols, a.cols, a_p, lda, b, c.cols, c.data, c.ld);
+        } else {
+          brgemm_tiled(c.rows, c.cols, a.cols, a_p, lda, b, c.cols, c.data, c.ld, accumulate);
+        }
+        return;
+      }
+    }
+    const at::Tensor A = at::from_blob(const_cast<Out*>(a_p), {a.rows, a.cols}, {lda, 1}, opts);
+    at::Tensor C = at::from_blob(c.data, {c.rows, c.cols}, {c.ld, 1}, opts);
+    if (accumulate) {
+      C.addmm_(A, w.b);
+    } else {
+      at::mm_out(C, A, w.b);
+    }
+  }
+
+  // a @ b as a fresh tensor in the compute type (the weight gradients).
+  static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+    const c10::ScalarType acc = compute_type(a.scalar_type());
+    return at::mm(a.to(acc), b.to(acc));
+  }
+
+  // a (M, K) @ w^T, w (N, K), as a fresh contiguous tensor in the compute type: dx, through
+  // oneDNN's linear for float32 (its K blocking beats brgemm_rows at K = gates * H).
+  static at::Tensor linear(const at::Tensor& a_in, const at::Tensor& w_in) {
+    const c10::ScalarType acc = compute_type(a_in.scalar_type());
+    const at::Tensor a = a_in.to(acc), w = w_in.to(acc);
+    if (acc != c10::ScalarType::Float || !onednn_linear() || a.size(0) == 0 || w.numel() == 0) {
+      return at::mm(a, w.t());
     }
     torch::jit::Stack stack{c10::IValue(a.contiguous()),
                             c10::IValue(w.contiguous()),
-                            bias.defined() ? c10::IValue(bias) : c10::IValue(),
+                            c10::IValue(),
                             c10::IValue(std::string("none")),
                             c10::IValue(c10::List<std::optional<at::Scalar>>()),
                             c10::IValue()};
@@ -235,58 +299,28 @@ struct CpuKernels {
     return stack[0].toTensor();
   }
 
-  // out (M, N) = a (M, K) @ w^T, w (N, K); out may be row-strided (the ws slots).
-  static void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
-    if (use_brgemm(a) && a.is_contiguous() && out.stride(1) == 1 && a.size(0) > 0) {
-      const at::Tensor b = w.t().contiguous();  // (K, N)
-      brgemm_rows(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.size(1),
-                  b.const_data_ptr<float>(), b.size(1), out.mutable_data_ptr<float>(),
-                  out.stride(0));
-    } else {
-      at::mm_out(out, a, w.t());
-    }
-  }
-
-  // The weight w (N, K) of the per-step GEMMs out = a @ w^T in the form step_gemm takes:
-  // w^T as a contiguous (K, N) matrix (no copy when w is itself a transposed view).
-  static at::Tensor step_weight(const at::Tensor& w, int64_t) { return w.t().contiguous(); }
-
-  // out (n, N) [+]= a (n, K) @ b (K, N); out and a may be row-strided views.
-  static void step_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                        bool accumulate) {
-    if (use_brgemm(a) && a.stride(1) == 1 && out.stride(1) == 1 && a.size(0) > 0) {
-      brgemm_tiled(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0),
-                   b.const_data_ptr<float>(), b.size(1), out.mutable_data_ptr<float>(),
-                   out.stride(0), accumulate);
-    } else if (accumulate) {
-      out.addmm_(a, b);
-    } else {
-      at::mm_out(out, a, b);
-    }
-  }
-
-  template <typename T>
-  static void fwd(const FwdStep<T>& s) {
-    FwdRange<T> fn = nullptr;
+  template <typename T, typename L>
+  static void fwd(const FwdStep<T, L>& s) {
+    FwdRange<T, L> fn = nullptr;
     switch (s.mode) {
       case kLSTM:
-        fn = s.proj ? fwd_kernel<kLSTM, true, T>() : fwd_kernel<kLSTM, false, T>();
+        fn = s.proj ? fwd_kernel<kLSTM, true, T, L>() : fwd_kernel<kLSTM, false, T, L>();
         break;
-      case kGRU: fn = fwd_kernel<kGRU, false, T>(); break;
-      case kRNNTanh: fn = fwd_kernel<kRNNTanh, false, T>(); break;
-      default: fn = fwd_kernel<kRNNRelu, false, T>(); break;
+      case kGRU: fn = fwd_kernel<kGRU, false, T, L>(); break;
+      case kRNNTanh: fn = fwd_kernel<kRNNTanh, false, T, L>(); break;
+      default: fn = fwd_kernel<kRNNRelu, false, T, L>(); break;
     }
     run_rows(s, fn, threads_for(s.n, s.H * gates_of(s.mode)));
   }
 
-  template <typename T>
-  static void bwd(const BwdStep<T>& s) {
-    BwdRange<T> fn = nullptr;
+  template <typename T, typename L>
+  static void bwd(const BwdStep<T, L>& s) {
+    BwdRange<T, L> fn = nullptr;
     switch (s.mode) {
-      case kLSTM: fn = bwd_kernel<kLSTM, T>(s.dy != nullptr); break;
-      case kGRU: fn = bwd_kernel<kGRU, T>(s.dy != nullptr); break;
-      case kRNNTanh: fn = bwd_kernel<kRNNTanh, T>(s.dy != nullptr); break;
-      default: fn = bwd_kernel<kRNNRelu, T>(s.dy != nullptr); break;
+      case kLSTM: fn = bwd_kernel<kLSTM, T, L>(s.dy != nullptr); break;
+      case kGRU: fn = bwd_kernel<kGRU, T, L>(s.dy != nullptr); break;
+      case kRNNTanh: fn = bwd_kernel<kRNNTanh, T, L>(s.dy != nullptr); break;
+      default: fn = bwd_kernel<kRNNRelu, T, L>(s.dy != nullptr); break;
     }
     run_rows(s, fn, threads_for(s.n, s.H * gates_of(s.mode)));
   }

@@ -7,28 +7,39 @@
 //   1. x W_ih^T for every step at once: ONE GEMM (T*B, I) x (I, G), written straight into the
 //      pre-activation slots of the saved buffer `ws` (D, T, B, S*H) (rnn_math.h notation).
 //   2. per step (reverse direction: t = T-1 .. 0):
-//        ws[t] += h_{t-1} W_hh^T              one small GEMM (n_t, P) x (P, G), accumulating
-//                                             (GRU: r, z accumulate; W_hn h goes to slot 3)
+//        ws[t] += h_{t-1} W_hh^T              one GEMM (n_t, P) x (P, G), accumulating in place
+//                                             (GRU: gh = h_{t-1} W_hh^T into a (B, 3H) buffer)
 //        fused gate kernel (K::fwd)           biases, activations, cell update, in place on
 //                                             ws[t]; saves h_{t-1} (`hprev`) and writes h_t
 //        [LSTM proj: h = h_raw W_hr^T         one small GEMM (n_t, H) x (H, P); h_raw saved]
 // Backward (time reversed), per direction and step: the fused gate-gradient kernel (K::bwd)
-// -> dG, then dh_prev = dG_h W_hh (small GEMM; [proj: first dh_raw = dh W_hr]). After the
-// loop, single GEMMs over all steps: dx = dG_i W_ih (both directions at once),
-// dW_ih = dG_i^T x, dW_hh = dG_h^T h_prev, dW_hr = dh^T h_raw; biases = column sums of dG.
-// Everything accumulates in fp32 (fp64 for fp64): inputs of other dtypes are converted once
-// on entry and results converted back.
+// -> dG, then dh_prev = dG_h W_hh (one GEMM; [proj: first dh_raw = dh W_hr]). After the loop,
+// single GEMMs over all steps: dx = dG_i W_ih (both directions at once), dW_ih = dG_i^T x,
+// dW_hh = dG_h^T h_prev, dW_hr = dh^T h_raw; biases = column sums of dG.
 //
-// K supplies the device part: check_device, Guard, the fused kernels fwd / bwd, and the GEMMs
-// gemm_into (large, into a strided view), step_weight / step_gemm (per step, into a view,
-// optionally accumulating) and linear (large, fresh output).
+// Per step and direction the host issues exactly one GEMM and one kernel, forward and backward
+// (projections add a GEMM and a copy or two); the GEMMs are called with raw pointers
+// (K::gemm: cuBLAS on CUDA, oneDNN's brgemm on CPU) and write into buffers allocated once per
+// call, so the loop allocates nothing and builds no tensor views.
+//
+// Dtypes: states, cell, gate math and saved activations in fp32 (fp64 for fp64). The GEMMs
+// take their operands in the GEMM type L: fp16 / bf16 for half-precision layers (x, the
+// weights, a rounded copy of the running h and the dG; the products accumulate and are written
+// in fp32), the compute type otherwise. The projection (W_hr) GEMMs stay in the compute type.
+//
+// K supplies the device part: check_device, Guard, the fused kernels fwd / bwd, step_weight
+// (a weight in the form its gemm takes, once per call: never cached across calls, ZeRO-3 may
+// swap the parameters) and the GEMMs gemm (raw row-major matrices, optionally accumulating),
+// mm (a @ b) and linear (a @ w^T), the last two on tensors, into a fresh tensor in the compute
+// type.
 //
 // Variable lengths: the batch is permuted once so that lengths decrease (a stable sort; no
 // permutation when already sorted); then the rows active at step t are a prefix [0, n_t) and
 // every GEMM and kernel of that step runs on n_t rows only, so padded steps cost nothing.
 // Padded outputs are zero and padded rows keep their state, which leaves each row's final
 // state in the state buffer at the end (PackedSequence semantics). Saved tensors stay in the
-// sorted order; backward recomputes the same permutation from `lengths`.
+// sorted order; backward recomputes the same permutation from `lengths` (lengths go to the
+// host once per call: a device sync when they live on the GPU).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -206,6 +217,21 @@ inline c10::ScalarType acc_type(const at::Tensor& x) {
                                                      : c10::ScalarType::Float;
 }
 
+// The GEMM operand type of a layer: x's own for float16 / bfloat16 (half-precision operands,
+// fp32 accumulation and results), the compute type otherwise.
+inline c10::ScalarType gemm_type(const at::Tensor& x) {
+  const c10::ScalarType t = x.scalar_type();
+  return t == c10::ScalarType::Half || t == c10::ScalarType::BFloat16 ? t : acc_type(x);
+}
+
+// A row-major matrix: rows x cols, element (i, j) at data[i * ld + j] (ld >= cols). The
+// per-step GEMMs take these (no tensor views built per step).
+template <typename T>
+struct Mat {
+  T* data;
+  int64_t rows, cols, ld;
+};
+
 // A fresh contiguous tensor in dtype `acc` holding t's values (never aliases t).
 inline at::Tensor fresh_copy(const at::Tensor& t, c10::ScalarType acc) {
   at::Tensor out = at::empty(t.sizes(), t.options().dtype(acc));
@@ -217,9 +243,9 @@ inline at::Tensor acc_contig(const at::Tensor& t, c10::ScalarType acc) {
   return t.to(acc).contiguous();
 }
 
-// Weights of one layer in the compute dtype, per direction: W_ih, W_hh, W_hr, the folded
-// bias (G,) (b_ih + b_hh, except the GRU's n gate: b_in only; zeros without biases) and the
-// GRU's b_hn (H,) (zeros without biases).
+// Weights of one layer per direction: W_ih, W_hh in the GEMM type; W_hr, the folded bias (G,)
+// (b_ih + b_hh, except the GRU's n gate: b_in only; zeros without biases) and the GRU's b_hn
+// (H,) (zeros without biases) in the compute type.
 struct LayerWeights {
   std::vector<at::Tensor> w_ih;  // (G, I) each
   std::vector<at::Tensor> w_hh;  // (G, P) each
@@ -230,12 +256,12 @@ struct LayerWeights {
 };
 
 inline LayerWeights prepare_weights(const Layer& L, const std::vector<at::Tensor>& weights,
-                                    c10::ScalarType acc) {
+                                    c10::ScalarType acc, c10::ScalarType gt) {
   LayerWeights lw;
   const auto opts = weights[0].options().dtype(acc);
   for (int64_t d = 0; d < L.D; ++d) {
-    lw.w_ih.push_back(acc_contig(weights[L.w_ih(d)], acc));
-    lw.w_hh.push_back(acc_contig(weights[L.w_hh(d)], acc));
+    lw.w_ih.push_back(acc_contig(weights[L.w_ih(d)], gt));
+    lw.w_hh.push_back(acc_contig(weights[L.w_hh(d)], gt));
     if (L.proj) lw.w_hr.push_back(acc_contig(weights[L.w_hr(d)], acc));
     if (L.has_biases) {
       const at::Tensor b_ih = weights[L.b_ih(d)].to(acc);
@@ -254,15 +280,29 @@ inline LayerWeights prepare_weights(const Layer& L, const std::vector<at::Tensor
   return lw;
 }
 
+// Runs fn(T_{}, L_{}) with T_ the compute type and L_ the GEMM type of a layer.
+template <typename Fn>
+void dispatch_types(c10::ScalarType acc, c10::ScalarType gt, Fn&& fn) {
+  if (acc == c10::ScalarType::Double) {
+    fn(double(0), double(0));
+  } else if (gt == c10::ScalarType::BFloat16) {
+    fn(float(0), c10::BFloat16(0.0f));
+  } else if (gt == c10::ScalarType::Half) {
+    fn(float(0), c10::Half(0.0f));
+  } else {
+    fn(float(0), float(0));
+  }
+}
+
 // ---- forward ------------------------------------------------------------------------------
 
 // Returns (y, h_n, c_n, ws, hprev, hraw); c_n / hraw are (0,) when absent. ws (D, T, B, S*H),
 // hprev (D, T, B, P), hraw (D, T, B, H) are in the compute dtype and the sorted batch order.
 //
 // ws doubles as the pre-activation buffer: the input projections of all steps land in its
-// first G slots of every row, each step's recurrent GEMM accumulates into them (the GRU's
-// n-gate part into slot 3), and the fused kernel turns them into the saved values in place.
-// No separate (T, B, G) buffer is allocated, written or read.
+// first G slots of every row, each step's recurrent GEMM accumulates into them (GRU: into the
+// separate buffer gh, whose n part the reset gate scales), and the fused kernel turns them
+// into the saved values in place. No separate (T, B, G) buffer is allocated, written or read.
 template <class K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const char* op, const at::Tensor& x_in, const at::Tensor& h0_in,
@@ -274,15 +314,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   K::check_device(op, x_in);
   typename K::Guard guard(x_in.device());
   const int64_t T = L.T, B = L.B, I = L.I, H = L.H, P = L.P, G = L.G, D = L.D, SH = L.S * H;
-  const c10::ScalarType acc = acc_type(x_in);
+  const c10::ScalarType acc = acc_type(x_in), gt = gemm_type(x_in);
+  const bool lp = gt != acc;  // half-precision GEMM operands
   const auto opts = x_in.options().dtype(acc);
   const Batching bt = make_batching(op, lengths, T, B, x_in.device());
 
-  const at::Tensor x = to_sorted(bt, x_in.to(acc), 1).contiguous();  // (T, B, I)
-  const at::Tensor x2 = x.view({T * B, I});
-  const LayerWeights lw = prepare_weights(L, weights, acc);
+  const at::Tensor x = to_sorted(bt, x_in.to(gt), 1).contiguous();  // (T, B, I)
+  const LayerWeights lw = prepare_weights(L, weights, acc, gt);
 
   at::Tensor h_n = fresh_copy(to_sorted(bt, h0_in, 1), acc);  // (D, B, P): the running state
+  // Half precision: the running state rounded to the GEMM type, the recurrent GEMMs' operand
+  // (the gate kernel writes it next to h; with projections a copy after the W_hr GEMM).
+  at::Tensor h_lp = lp ? fresh_copy(to_sorted(bt, h0_in, 1), gt) : h_n;
   at::Tensor c_n = L.mode == kLSTM ? fresh_copy(to_sorted(bt, *c0_in, 1), acc)
                                    : at::empty({0}, opts);
   auto buffer = [&](std::vector<int64_t> sizes, bool zero) {
@@ -295,28 +338,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor ws = buffer({D, T, B, SH}, bt.padded);
   at::Tensor hprev = buffer({D, T, B, P}, bt.padded);
   at::Tensor hraw = L.proj ? buffer({D, T, B, H}, bt.padded) : at::empty({0}, opts);
+  at::Tensor gh = L.mode == kGRU ? at::empty({B, G}, opts) : at::Tensor();  // GRU: h W_hh^T
 
-  auto run = [&](auto zero) {
+  dispatch_types(acc, gt, [&](auto zero, auto lp_zero) {
     using T_ = decltype(zero);
+    using L_ = decltype(lp_zero);
     T_* y_p = y.mutable_data_ptr<T_>();
+    T_* ws_p = ws.mutable_data_ptr<T_>();
+    T_* hprev_p = hprev.mutable_data_ptr<T_>();
+    T_* hraw_p = L.proj ? hraw.mutable_data_ptr<T_>() : nullptr;
+    T_* gh_p = L.mode == kGRU ? gh.mutable_data_ptr<T_>() : nullptr;
+    const L_* x_p = x.const_data_ptr<L_>();
     for (int64_t d = 0; d < D; ++d) {
+      T_* ws_d = ws_p + d * T * B * SH;
       // 1. input projections of every step: ws[d][..., :G] = x W_ih^T (one GEMM)
-      at::Tensor pre = ws[d].view({T * B, SH}).narrow(1, 0, G);
-      K::gemm_into(pre, x2, lw.w_ih[d]);
-      // Weights in the GEMM library's preferred layout, once per call (never cached across
-      // calls: ZeRO-3 may swap the parameters between calls). GRU: the r, z rows accumulate
-      // into slots 0-1, the n rows go to slot 3 (W_hn h, which the reset gate scales).
-      const int64_t G_acc = L.mode == kGRU ? 2 * H : G;
-      const at::Tensor w_hh = K::step_weight(lw.w_hh[d].narrow(0, 0, G_acc), B);
-      const at::Tensor w_hn =
-          L.mode == kGRU ? K::step_weight(lw.w_hh[d].narrow(0, 2 * H, H), B) : at::Tensor();
-      const at::Tensor w_hr = L.proj ? K::step_weight(lw.w_hr[d], B) : at::Tensor();
-      const at::Tensor h_d = h_n[d];
-      FwdStep<T_> s{};
+      K::gemm(Mat<T_>{ws_d, T * B, G, SH}, Mat<const L_>{x_p, T * B, I, I},
+              K::step_weight(lw.w_ih[d].t()), false);
+      // Weights in the form K::gemm takes, once per call.
+      const auto w_hh = K::step_weight(lw.w_hh[d].t());  // (P, G)
+      const auto w_hr = L.proj ? K::step_weight(lw.w_hr[d].t()) : K::step_weight(at::Tensor());
+      T_* h_d = h_n.mutable_data_ptr<T_>() + d * B * P;
+      L_* hl_d = h_lp.mutable_data_ptr<L_>() + d * B * P;  // == h_d unless lp
+      FwdStep<T_, L_> s{};
       s.bias = lw.bias[d].const_data_ptr<T_>();
       s.b_hn = L.mode == kGRU ? lw.b_hn[d].const_data_ptr<T_>() : nullptr;
-      s.h = h_d.mutable_data_ptr<T_>();
-      s.c = L.mode == kLSTM ? c_n[d].mutable_data_ptr<T_>() : nullptr;
+      s.gh = gh_p;
+      s.h = h_d;
+      s.h_lp = lp ? hl_d : nullptr;
+      s.c = L.mode == kLSTM ? c_n.mutable_data_ptr<T_>() + d * B * H : nullptr;
       s.H = H;
       s.P = P;
       s.mode = L.mode;
@@ -326,35 +375,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const int64_t t = d == 0 ? step : T - 1 - step;
         const int64_t n = bt.active[t];
         if (n == 0) continue;
-        // 2. recurrent projections of the running rows, accumulated into their ws rows
-        const at::Tensor ws_rows = ws[d][t].narrow(0, 0, n);  // (n, S*H)
-        const at::Tensor h_rows = h_d.narrow(0, 0, n);
-        at::Tensor acc_cols = ws_rows.narrow(1, 0, G_acc);
-        K::step_gemm(acc_cols, h_rows, w_hh, true);
+        const int64_t dt = (d * T + t) * B;
+        // 2. recurrent projections of the running rows: accumulated into their ws rows
+        // (GRU: into gh)
+        const Mat<const L_> h_rows{hl_d, n, P, P};
         if (L.mode == kGRU) {
-          at::Tensor hn_cols = ws_rows.narrow(1, 3 * H, H);
-          K::step_gemm(hn_cols, h_rows, w_hn, false);
+          K::gemm(Mat<T_>{gh_p, n, G, G}, h_rows, w_hh, false);
+        } else {
+          K::gemm(Mat<T_>{ws_p + dt * SH, n, G, SH}, h_rows, w_hh, true);
         }
         // 3. the fused gate kernel
-        const int64_t dt = (d * T + t) * B;
         s.n = n;
-        s.hprev = hprev.mutable_data_ptr<T_>() + dt * P;
-        s.ws = ws.mutable_data_ptr<T_>() + dt * SH;
-        s.out = L.proj ? hraw.mutable_data_ptr<T_>() + dt * H : y_p + t * B * D * P + d * P;
+        s.hprev = hprev_p + dt * P;
+        s.ws = ws_p + dt * SH;
+        s.out = L.proj ? hraw_p + dt * H : y_p + t * B * D * P + d * P;
         K::fwd(s);
         if (L.proj) {
-          at::Tensor h_out = h_d.narrow(0, 0, n);
-          K::step_gemm(h_out, hraw[d][t].narrow(0, 0, n), w_hr, false);
-          y[t].narrow(0, 0, n).narrow(1, d * P, P).copy_(h_out);
+          K::gemm(Mat<T_>{h_d, n, P, P}, Mat<const T_>{hraw_p + dt * H, n, H, H}, w_hr, false);
+          const at::Tensor h_rows_t = h_n[d].narrow(0, 0, n);
+          y[t].narrow(0, 0, n).narrow(1, d * P, P).copy_(h_rows_t);
+          if (lp) h_lp[d].narrow(0, 0, n).copy_(h_rows_t);
         }
       }
     }
-  };
-  if (acc == c10::ScalarType::Double) {
-    run(double(0));
-  } else {
-    run(float(0));
-  }
+  });
   const c10::ScalarType dt = x_in.scalar_type();
   at::Tensor y_out = to_original(bt, y, 1).to(dt);
   at::Tensor h_out = to_original(bt, h_n, 1).to(dt);
@@ -379,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_ba
   K::check_device(op, x_in);
   typename K::Guard guard(x_in.device());
   const int64_t T = L.T, B = L.B, I = L.I, H = L.H, P = L.P, G = L.G, D = L.D, SH = L.S * H;
-  const c10::ScalarType acc = acc_type(x_in);
+  const c10::ScalarType acc = acc_type(x_in), gt = gemm_type(x_in);
   const auto opts = x_in.options().dtype(acc);
   TURBOLM_CHECK(DTypeError, ws.scalar_type() == acc && hprev.scalar_type() == acc,
                 "saved tensors must have dtype ", dtype_str(acc));
@@ -402,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_ba
     CHECK_SHAPE(dc_n, D, B, H);
   }
   const Batching bt = make_batching(op, lengths, T, B, x_in.device());
-  const LayerWeights lw = prepare_weights(L, weights, acc);
+  const LayerWeights lw = prepare_weights(L, weights, acc, gt);
   const at::Tensor ws_c = ws.contiguous(), hprev_c = hprev.contiguous();
   const at::Tensor hraw_c = L.proj ? hraw.contiguous() : hraw;
 
@@ -412,26 +456,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_ba
   at::Tensor dc;
   if (L.mode == kLSTM)
     dc = dc_n_in ? fresh_copy(to_sorted(bt, *dc_n_in, 1), acc) : at::zeros({D, B, H}, opts);
-  auto buffer = [&](std::vector<int64_t> sizes, bool zero) {
-    return zero ? at::zeros(sizes, opts) : new_output(sizes, opts);
-  };
+  // The pre-activation gradients dG in the GEMM type (the operands of every GEMM below).
   // dG of padded rows must be zero (they enter the weight-gradient GEMMs).
-  at::Tensor dgi = buffer({T, B, D * G}, bt.padded);  // input side, both directions
-  at::Tensor dgh = L.mode == kGRU ? buffer({D, T, B, G}, bt.padded) : at::Tensor();
-  at::Tensor dhp = L.proj ? buffer({D, T, B, P}, bt.padded) : at::Tensor();  // dL/dh_t (proj)
+  const auto gopts = opts.dtype(gt);
+  auto buffer = [&](std::vector<int64_t> sizes, bool zero, const at::TensorOptions& o) {
+    return zero ? at::zeros(sizes, o) : new_output(sizes, o);
+  };
+  at::Tensor dgi = buffer({T, B, D * G}, bt.padded, gopts);  // input side, both directions
+  at::Tensor dgh = L.mode == kGRU ? buffer({D, T, B, G}, bt.padded, gopts) : at::Tensor();
+  at::Tensor dhp = L.proj ? buffer({D, T, B, P}, bt.padded, opts) : at::Tensor();  // dL/dh_t
   at::Tensor dh_raw = L.proj ? at::empty({B, H}, opts) : at::Tensor();
 
-  auto run = [&](auto zero) {
+  dispatch_types(acc, gt, [&](auto zero, auto lp_zero) {
     using T_ = decltype(zero);
-    T_* dgi_p = dgi.mutable_data_ptr<T_>();
+    using L_ = decltype(lp_zero);
+    L_* dgi_p = dgi.mutable_data_ptr<L_>();
+    L_* dgh_p = L.mode == kGRU ? dgh.mutable_data_ptr<L_>() : nullptr;
+    const T_* ws_p = ws_c.const_data_ptr<T_>();
+    const T_* hprev_p = hprev_c.const_data_ptr<T_>();
+    const T_* dy_p = dy.defined() ? dy.const_data_ptr<T_>() : nullptr;
+    T_* dhp_p = L.proj ? dhp.mutable_data_ptr<T_>() : nullptr;
+    T_* dh_raw_p = L.proj ? dh_raw.mutable_data_ptr<T_>() : nullptr;
     for (int64_t d = 0; d < D; ++d) {
-      // dh_prev = dG W_hh = linear(dG, W_hh^T); dh_raw = dh W_hr = linear(dh, W_hr^T)
-      const at::Tensor w_hh_t = K::step_weight(lw.w_hh[d].t(), B);
-      const at::Tensor w_hr_t = L.proj ? K::step_weight(lw.w_hr[d].t(), B) : at::Tensor();
-      const at::Tensor dh_d = dh[d];
-      BwdStep<T_> s{};
+      // dh_prev = dG_h W_hh; dh_raw = dh W_hr
+      const auto w_hh = K::step_weight(lw.w_hh[d]);  // (G, P)
+      const auto w_hr = L.proj ? K::step_weight(lw.w_hr[d]) : K::step_weight(at::Tensor());
+      T_* dh_d = dh.mutable_data_ptr<T_>() + d * B * P;
+      BwdStep<T_, L_> s{};
       s.dgi_ld = D * G;
-      s.dc = L.mode == kLSTM ? dc[d].mutable_data_ptr<T_>() : nullptr;
+      s.dc = L.mode == kLSTM ? dc.mutable_data_ptr<T_>() + d * B * H : nullptr;
       s.H = H;
       s.P = P;
       s.mode = L.mode;
@@ -440,54 +493,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_ba
         const int64_t n = bt.active[t];
         if (n == 0) continue;
         const int64_t dt = (d * T + t) * B;
-        at::Tensor dh_rows = dh_d.narrow(0, 0, n);
+        L_* dgi_t = dgi_p + t * B * D * G + d * G;
         s.n = n;
-        s.ws = ws_c.const_data_ptr<T_>() + dt * SH;
-        s.hprev = hprev_c.const_data_ptr<T_>() + dt * P;
-        s.dgi = dgi_p + t * B * D * G + d * G;
-        s.dgh = L.mode == kGRU ? dgh.mutable_data_ptr<T_>() + dt * G : nullptr;
+        s.ws = ws_p + dt * SH;
+        s.hprev = hprev_p + dt * P;
+        s.dgi = dgi_t;
+        s.dgh = L.mode == kGRU ? dgh_p + dt * G : nullptr;
         if (L.proj) {
           // dL/dh_t = dh + dy, saved for dW_hr; then back through the projection.
           at::Tensor dhp_rows = dhp[d][t].narrow(0, 0, n);
+          const at::Tensor dh_rows = dh[d].narrow(0, 0, n);
           if (dy.defined()) {
             at::add_out(dhp_rows, dh_rows, dy[t].narrow(0, 0, n).narrow(1, d * P, P));
           } else {
             dhp_rows.copy_(dh_rows);
           }
-          at::Tensor raw_rows = dh_raw.narrow(0, 0, n);
-          K::step_gemm(raw_rows, dhp_rows, w_hr_t, false);
-          s.dh_in = dh_raw.mutable_data_ptr<T_>();
+          K::gemm(Mat<T_>{dh_raw_p, n, H, H}, Mat<const T_>{dhp_p + dt * P, n, P, P}, w_hr,
+                  false);
+          s.dh_in = dh_raw_p;
           s.dh_ld = H;
           s.dy = nullptr;
         } else {
-          s.dh_in = dh_d.mutable_data_ptr<T_>();
+          s.dh_in = dh_d;
           s.dh_ld = P;
-          s.dy = dy.defined() ? dy.const_data_ptr<T_>() + t * B * D * P + d * P : nullptr;
+          s.dy = dy_p != nullptr ? dy_p + t * B * D * P + d * P : nullptr;
           s.dy_ld = D * P;
         }
         K::bwd(s);
-        // dh_{t-1} = dG_h W_hh (+ dh * z, already in dh_rows, for the GRU)
+        // dh_{t-1} = dG_h W_hh (+ dh * z, already in dh, for the GRU)
+        const Mat<T_> dh_rows{dh_d, n, P, P};
         if (L.mode == kGRU) {
-          K::step_gemm(dh_rows, dgh[d][t].narrow(0, 0, n), w_hh_t, true);
+          K::gemm(dh_rows, Mat<const L_>{dgh_p + dt * G, n, G, G}, w_hh, true);
         } else {
-          K::step_gemm(dh_rows, dgi[t].narrow(0, 0, n).narrow(1, d * G, G), w_hh_t, false);
+          K::gemm(dh_rows, Mat<const L_>{dgi_t, n, G, D * G}, w_hh, false);
         }
       }
     }
-  };
-  if (acc == c10::ScalarType::Double) {
-    run(double(0));
-  } else {
-    run(float(0));
-  }
+  });
 
-  // Single GEMMs over all steps.
-  const at::Tensor x = to_sorted(bt, x_in.to(acc), 1).contiguous().view({T * B, I});
+  // Single GEMMs over all steps (GEMM-type operands, results in the compute type).
+  const at::Tensor x = to_sorted(bt, x_in.to(gt), 1).contiguous().view({T * B, I});
   const at::Tensor dgi2 = dgi.view({T * B, D * G});
-  const at::Tensor dx =  // both directions summed
-      K::linear(dgi2, lw.w_ih_cat().t().contiguous(), at::Tensor()).view({T, B, I});
-  const at::Tensor dw_ih = at::mm(dgi2.t(), x);                  // (D*G, I)
-  const at::Tensor db = L.has_biases ? dgi2.sum(0) : at::Tensor();
+  // dx = dG_i W_ih = linear(dG_i, W_ih^T), both directions summed
+  const at::Tensor dx = K::linear(dgi2, lw.w_ih_cat().t()).view({T, B, I});
+  const at::Tensor dw_ih = K::mm(dgi2.t(), x);                        // (D*G, I)
+  const at::Tensor db = L.has_biases ? at::sum(dgi2, {0}, false, acc) : at::Tensor();
+  const at::Tensor hprev_g = hprev_c.to(gt);  // dW_hh's operand
   // Each gradient gets its own storage in the weight's dtype (narrow() views of dw_ih / db
   // are copied; results of mm() are already fresh).
   auto own = [](const at::Tensor& g, c10::ScalarType wt, bool view) {
@@ -498,15 +549,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_ba
     const at::Tensor dgh_d = L.mode == kGRU ? dgh[d].view({T * B, G}) : dgi2.narrow(1, d * G, G);
     const c10::ScalarType wt = weights[L.w_ih(d)].scalar_type();
     dweights[L.w_ih(d)] = own(dw_ih.narrow(0, d * G, G), wt, true);
-    dweights[L.w_hh(d)] = own(at::mm(dgh_d.t(), hprev_c[d].view({T * B, P})), wt, false);
+    dweights[L.w_hh(d)] = own(K::mm(dgh_d.t(), hprev_g[d].view({T * B, P})), wt, false);
     if (L.has_biases) {
       dweights[L.b_ih(d)] = own(db.narrow(0, d * G, G), wt, true);
-      dweights[L.b_hh(d)] = L.mode == kGRU ? own(dgh_d.sum(0), wt, false)
+      dweights[L.b_hh(d)] = L.mode == kGRU ? own(at::sum(dgh_d, {0}, false, acc), wt, false)
                                            : own(db.narrow(0, d * G, G), wt, true);
     }
     if (L.proj)
       dweights[L.w_hr(d)] =
-          own(at::mm(dhp[d].view({T * B, P}).t(), hraw_c[d].view({T * B, H})), wt, false);
+          own(K::mm(dhp[d].view({T * B, P}).t(), hraw_c[d].view({T * B, H})), wt, false);
   }
   const c10::ScalarType dt = x_in.scalar_type();
   at::Tensor dx_out = to_original(bt, dx, 1).to(dt);

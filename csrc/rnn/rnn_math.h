@@ -6,7 +6,7 @@
 //
 // Notation (one layer, one direction, one time step, one batch row, unit j of H; G = gates*H):
 // the layer leaves in the row's saved slots `ws` the pre-activations x W_ih^T + h_{t-1} W_hh^T
-// (GEMMs accumulating in place; the GRU's n gate keeps its hidden part W_hn h in slot 3) and
+// (GEMMs accumulating in place; the GRU's recurrent part goes to a separate buffer gh) and
 // the fused forward kernel adds the biases and replaces them, in place, by what backward needs
 // (b = b_ih + b_hh folded, except the GRU's n gate: b = b_in, b_hn kept apart):
 //
@@ -14,9 +14,10 @@
 //         i = sig(ws_i + b_i)  f = sig(ws_f + b_f)  g = tanh(ws_g + b_g)  o = sig(ws_o + b_o)
 //         c = f * c_prev + i * g;   h_raw = o * tanh(c)    (h = h_raw W_hr^T with projections)
 //         ws out [i, f, g, o, c_prev]                                        (5H per row)
-//   GRU   ws in  [x W_r + h U_r, x W_z + h U_z, x W_n, h U_n]
-//         r = sig(ws_r + b_r)  z = sig(ws_z + b_z)  hn = ws_hn + b_hn  n = tanh(ws_n + b_n + r hn)
-//         h = (1 - z) * n + z * h_prev                 (torch.nn.GRU / cuDNN reset placement)
+//   GRU   ws in  [x W_r, x W_z, x W_n, -]   and gh = h U^T = [h U_r, h U_z, h U_n] (one GEMM
+//         into a separate (n, 3H) buffer: the reset gate scales h U_n alone)
+//         r = sig(ws_r + gh_r + b_r)  z = sig(ws_z + gh_z + b_z)  hn = gh_n + b_hn
+//         n = tanh(ws_n + b_n + r hn);  h = (1 - z) * n + z * h_prev (torch.nn.GRU / cuDNN)
 //         ws out [r, z, n, hn]                                                (4H per row)
 //   RNN   h = tanh(ws + b) or relu(ws + b);   ws out [h]                     (H per row)
 //
@@ -24,7 +25,9 @@
 // back through W_hr when projecting) and, for LSTM, dc (gradient w.r.t. c from step t+1), and
 // produces the pre-activation gradients dG (G) from which the layer forms
 //   dh_prev = dG_h W_hh,  dW_hh += dG_h^T h_prev,  dW_ih += dG_i^T x,  dx = dG_i W_ih
-// where dG_i = dG_h = dG except for the GRU n gate (dG_h,n = dG_i,n * r):
+// where dG_i = dG_h = dG except for the GRU n gate (dG_h,n = dG_i,n * r). The dG are stored in
+// the GEMM operand type L (T itself for fp32 / fp64 layers; fp16 / bf16 for half-precision
+// layers, whose GEMMs take half-precision operands and accumulate in fp32):
 //   LSTM  dc_tot = dc + dh * o * (1 - tanh(c)^2);  dc_prev = dc_tot * f
 //         d_i = dc_tot * g * i(1-i)  d_f = dc_tot * c_prev * f(1-f)  d_g = dc_tot * i * (1-g^2)
 //         d_o = dh * tanh(c) * o(1-o)
@@ -37,6 +40,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define TURBOLM_RNN_HD __host__ __device__ __forceinline__
@@ -158,12 +162,14 @@ TURBOLM_RNN_HD void lstm_fwd_unit(int64_t j, int64_t H, const T* b, T* ws, T* c,
   h_raw[j] = o * tanh_acc(c_new);
 }
 
-// b_hn: the GRU's hidden bias of the n gate (zeros without biases). Returns h_t.
+// gh: the row's recurrent projections h_{t-1} U^T (3H); b_hn: the GRU's hidden bias of the n
+// gate (zeros without biases). Returns h_t.
 template <typename T>
-TURBOLM_RNN_HD T gru_fwd_unit(int64_t j, int64_t H, const T* b, const T* b_hn, T h_prev, T* ws) {
-  const T r = sigmoid(ws[j] + b[j]);
-  const T z = sigmoid(ws[H + j] + b[H + j]);
-  const T hn = ws[3 * H + j] + b_hn[j];
+TURBOLM_RNN_HD T gru_fwd_unit(int64_t j, int64_t H, const T* b, const T* b_hn, T h_prev,
+                              const T* gh, T* ws) {
+  const T r = sigmoid(ws[j] + gh[j] + b[j]);
+  const T z = sigmoid(ws[H + j] + gh[H + j] + b[H + j]);
+  const T hn = gh[2 * H + j] + b_hn[j];
   const T n = tanh_acc(ws[2 * H + j] + b[2 * H + j] + r * hn);
   ws[j] = r;
   ws[H + j] = z;
@@ -184,8 +190,8 @@ TURBOLM_RNN_HD T rnn_fwd_unit(int64_t j, const T* b, bool relu, T* ws) {
 
 // dh: gradient w.r.t. h_raw (unit j); dc in: dL/dc_t from step t+1, out: dL/dc_{t-1}.
 // dg: the row's G pre-activation gradients (input and hidden sides are equal for LSTM).
-template <typename T>
-TURBOLM_RNN_HD void lstm_bwd_unit(int64_t j, int64_t H, T dh, const T* ws, T* dc, T* dg) {
+template <typename T, typename L>
+TURBOLM_RNN_HD void lstm_bwd_unit(int64_t j, int64_t H, T dh, const T* ws, T* dc, L* dg) {
   const T i = ws[j], f = ws[H + j], g = ws[2 * H + j], o = ws[3 * H + j], c_prev = ws[4 * H + j];
   const T tc = tanh_acc(f * c_prev + i * g);
   const T dct = dc[j] + dh * o * (T(1) - tc * tc);
@@ -198,8 +204,8 @@ TURBOLM_RNN_HD void lstm_bwd_unit(int64_t j, int64_t H, T dh, const T* ws, T* dc
 
 // Writes the input-side (dgi) and hidden-side (dgh) pre-activation gradients; returns the
 // direct part of dh_prev (dh * z); the rest comes from dgh W_hh.
-template <typename T>
-TURBOLM_RNN_HD T gru_bwd_unit(int64_t j, int64_t H, T dh, const T* ws, T h_prev, T* dgi, T* dgh) {
+template <typename T, typename L>
+TURBOLM_RNN_HD T gru_bwd_unit(int64_t j, int64_t H, T dh, const T* ws, T h_prev, L* dgi, L* dgh) {
   const T r = ws[j], z = ws[H + j], n = ws[2 * H + j], hn = ws[3 * H + j];
   const T dn = dh * (T(1) - z) * (T(1) - n * n);
   const T dz = dh * (h_prev - n) * z * (T(1) - z);
@@ -220,17 +226,23 @@ TURBOLM_RNN_HD T rnn_bwd_unit(int64_t j, T dh, const T* ws, bool relu) {
 }
 
 // ---- one time step of one direction: the arguments of the fused gate kernels ------------
+//
+// T: the state / math type (float, or double for fp64 layers). L: the type of the GEMM
+// operands (T itself, or c10::Half / c10::BFloat16 for half-precision layers).
 
 // Forward step over rows [0, n). `ws` holds the rows' pre-activations (see the notation);
 // `h` is the (n, P) state h_{t-1} (row stride P), copied to `hprev` (saved for dW_hh) and,
-// without projections, overwritten with h_t. `out` (row stride out_ld) receives h_t (no
+// without projections, overwritten with h_t (and, when L != T, rounded into `h_lp`, the
+// operand of the next step's recurrent GEMM). `out` (row stride out_ld) receives h_t (no
 // projection: the layer output y) or h_raw (projection: the caller multiplies it by W_hr^T
 // into `h` and y).
-template <typename T>
+template <typename T, typename L = T>
 struct FwdStep {
   const T* bias;  // (G,) folded biases (zeros without biases)
   const T* b_hn;  // GRU: (H,) (zeros without biases)
+  const T* gh;    // GRU: (n, 3H) contiguous recurrent projections h_{t-1} U^T
   T* h;           // (n, P) state, in/out
+  L* h_lp;        // (n, P) h_t in the GEMM type (L != T and no projection only)
   T* c;           // LSTM: (n, H) cell state, in/out
   T* hprev;       // (n, P) saved h_{t-1}
   T* ws;          // (n, S * H): pre-activations in, saved gate values out
@@ -244,7 +256,7 @@ struct FwdStep {
 // Backward step over rows [0, n). dh = dh_in (+ dy when dy != nullptr), both (n, H) with the
 // given row strides. Writes dgi (n, G; row stride dgi_ld), for the GRU dgh (n, G contiguous)
 // and dh_in := dh * z (the direct part of dh_prev); for the LSTM updates dc in place.
-template <typename T>
+template <typename T, typename L = T>
 struct BwdStep {
   T* dh_in;  // (n, H) row stride dh_ld; GRU: overwritten with dh * z
   int64_t dh_ld;
@@ -253,9 +265,9 @@ struct BwdStep {
   const T* ws;     // (n, S * H)
   const T* hprev;  // (n, P) (GRU: h_prev)
   T* dc;           // LSTM: (n, H) in/out
-  T* dgi;          // (n, G) row stride dgi_ld
+  L* dgi;          // (n, G) row stride dgi_ld
   int64_t dgi_ld;
-  T* dgh;  // GRU: (n, G) contiguous
+  L* dgh;  // GRU: (n, G) contiguous
   int64_t n, H, P;
   int mode;
 };
@@ -274,9 +286,9 @@ TURBOLM_RNN_HD void lstm_fwd_row(int64_t H, const T* __restrict__ b, T* __restri
 
 template <typename T>
 TURBOLM_RNN_HD void gru_fwd_row(int64_t H, const T* __restrict__ b, const T* __restrict__ b_hn,
-                                const T* __restrict__ hp, T* __restrict__ ws,
-                                T* __restrict__ out) {
-  for (int64_t j = 0; j < H; ++j) out[j] = gru_fwd_unit(j, H, b, b_hn, hp[j], ws);
+                                const T* __restrict__ hp, const T* __restrict__ gh,
+                                T* __restrict__ ws, T* __restrict__ out) {
+  for (int64_t j = 0; j < H; ++j) out[j] = gru_fwd_unit(j, H, b, b_hn, hp[j], gh, ws);
 }
 
 template <bool RELU, typename T>
@@ -285,38 +297,38 @@ TURBOLM_RNN_HD void rnn_fwd_row(int64_t H, const T* __restrict__ b, T* __restric
   for (int64_t j = 0; j < H; ++j) out[j] = rnn_fwd_unit(j, b, RELU, ws);
 }
 
-template <typename T>
-TURBOLM_RNN_HD void copy_row(int64_t n, const T* __restrict__ src, T* __restrict__ dst) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+template <typename S, typename D>
+TURBOLM_RNN_HD void copy_row(int64_t n, const S* __restrict__ src, D* __restrict__ dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<D>(src[j]);
 }
 
 // dh (+ dy when HAS_DY) -> dg and dc (in place).
-template <bool HAS_DY, typename T>
+template <bool HAS_DY, typename T, typename L>
 TURBOLM_RNN_HD void lstm_bwd_row(int64_t H, const T* __restrict__ dh, const T* __restrict__ dy,
                                  const T* __restrict__ ws, T* __restrict__ dc,
-                                 T* __restrict__ dg) {
+                                 L* __restrict__ dg) {
   for (int64_t j = 0; j < H; ++j) lstm_bwd_unit(j, H, HAS_DY ? dh[j] + dy[j] : dh[j], ws, dc, dg);
 }
 
 // dh (+ dy) -> dgi, dgh, and dh_direct = dh * z (may alias dh: separate parameters, no
 // restrict on them).
-template <bool HAS_DY, typename T>
+template <bool HAS_DY, typename T, typename L>
 TURBOLM_RNN_HD void gru_bwd_row(int64_t H, const T* dh, const T* __restrict__ dy,
                                 const T* __restrict__ ws, const T* __restrict__ hp,
-                                T* __restrict__ dgi, T* __restrict__ dgh, T* dh_direct) {
+                                L* __restrict__ dgi, L* __restrict__ dgh, T* dh_direct) {
   for (int64_t j = 0; j < H; ++j)
     dh_direct[j] = gru_bwd_unit(j, H, HAS_DY ? dh[j] + dy[j] : dh[j], ws, hp[j], dgi, dgh);
 }
 
-template <bool HAS_DY, bool RELU, typename T>
+template <bool HAS_DY, bool RELU, typename T, typename L>
 TURBOLM_RNN_HD void rnn_bwd_row(int64_t H, const T* __restrict__ dh, const T* __restrict__ dy,
-                                const T* __restrict__ ws, T* __restrict__ dg) {
+                                const T* __restrict__ ws, L* __restrict__ dg) {
   for (int64_t j = 0; j < H; ++j) dg[j] = rnn_bwd_unit(j, HAS_DY ? dh[j] + dy[j] : dh[j], ws, RELU);
 }
 
 // One batch row of a forward step.
-template <int MODE, bool PROJ, typename T>
-TURBOLM_RNN_HD void fwd_row(const FwdStep<T>& s, int64_t b) {
+template <int MODE, bool PROJ, typename T, typename L>
+TURBOLM_RNN_HD void fwd_row(const FwdStep<T, L>& s, int64_t b) {
   const int64_t H = s.H, P = s.P, S = saved_of(MODE) * H;
   T* h = s.h + b * P;
   T* hp = s.hprev + b * P;
@@ -326,21 +338,24 @@ TURBOLM_RNN_HD void fwd_row(const FwdStep<T>& s, int64_t b) {
   if (MODE == kLSTM) {
     lstm_fwd_row(H, s.bias, ws, s.c + b * H, out);
   } else if (MODE == kGRU) {
-    gru_fwd_row(H, s.bias, s.b_hn, static_cast<const T*>(hp), ws, out);
+    gru_fwd_row(H, s.bias, s.b_hn, static_cast<const T*>(hp), s.gh + b * 3 * H, ws, out);
   } else {
     rnn_fwd_row<MODE == kRNNRelu>(H, s.bias, ws, out);
   }
-  if (!PROJ) copy_row(H, static_cast<const T*>(out), h);
+  if (!PROJ) {
+    copy_row(H, static_cast<const T*>(out), h);
+    if constexpr (!std::is_same_v<T, L>) copy_row(H, static_cast<const T*>(out), s.h_lp + b * P);
+  }
 }
 
 // One batch row of a backward step.
-template <int MODE, bool HAS_DY, typename T>
-TURBOLM_RNN_HD void bwd_row(const BwdStep<T>& s, int64_t b) {
+template <int MODE, bool HAS_DY, typename T, typename L>
+TURBOLM_RNN_HD void bwd_row(const BwdStep<T, L>& s, int64_t b) {
   const int64_t H = s.H, S = saved_of(MODE) * H, G = gates_of(MODE) * H;
   T* dh = s.dh_in + b * s.dh_ld;
   const T* dy = HAS_DY ? s.dy + b * s.dy_ld : nullptr;
   const T* ws = s.ws + b * S;
-  T* dgi = s.dgi + b * s.dgi_ld;
+  L* dgi = s.dgi + b * s.dgi_ld;
   if (MODE == kLSTM) {
     lstm_bwd_row<HAS_DY>(H, dh, dy, ws, s.dc + b * H, dgi);
   } else if (MODE == kGRU) {

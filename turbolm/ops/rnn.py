@@ -279,7 +279,16 @@ def _rnn_torch(
 ):
     """``torch._VF`` (cuDNN / native). Variable lengths go through a PackedSequence."""
     fn = _VF_SEQ[mode]
-    args = (list(weights), has_biases, num_layers, float(dropout), training, bidirectional)
+    # _VF's `train` also tells cuDNN to keep what its backward needs (cuDNN refuses a backward
+    # of an inference-mode forward): train whenever a gradient may flow, with dropout only
+    # when `training`.
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad
+        or any(h.requires_grad for h in hx)
+        or any(w.requires_grad for w in weights)
+    )
+    drop = float(dropout) if training else 0.0
+    args = (list(weights), has_biases, num_layers, drop, training or needs_grad, bidirectional)
     if lengths is None:
         output, *states = fn(input, hx if mode == "lstm" else hx[0], *args, False)
         return output, tuple(states)

@@ -5,15 +5,18 @@ direction, the whole sequence per call; cells: one step of one layer).
 
 * ``cpu`` / ``cuda`` (``csrc/rnn``, ``torch.ops.turbolm.rnn_layer_fwd/bwd``,
   ``rnn_cell_fwd/bwd``): the time loop runs in C++ (``csrc/rnn/rnn_layer.h``, shared by both):
-  one GEMM for the input projections of all steps, then per step a recurrent GEMM and one
-  fused gate kernel; backward per step one fused gate-gradient kernel and a GEMM, and the
-  weight gradients as single GEMMs over all steps. Every float dtype; float16 / bfloat16
-  compute in float32 (converted once per call). Variable lengths sort the batch once so that
-  padded steps cost nothing. On CPU the float32 GEMMs go to oneDNN (brgemm micro-kernel /
-  ``mkldnn::_linear_pointwise``) where this torch has it, else ATen (MKL); on CUDA to cuBLAS.
+  one GEMM for the input projections of all steps, then per step and direction exactly one
+  recurrent GEMM (raw pointers into buffers allocated once per call) and one fused gate
+  kernel; backward per step one fused gate-gradient kernel and one GEMM, and dx and the weight
+  gradients as single GEMMs over all steps. Every float dtype; states, cell, gate math and
+  saved activations in float32 (float64 for float64); float16 / bfloat16 layers run every GEMM
+  on half-precision operands (x, weights, a rounded copy of h, dG) with fp32 accumulation and
+  results. Variable lengths sort the batch once so that padded steps cost nothing. On CPU the
+  float32 GEMMs go to oneDNN's brgemm micro-kernel where this torch has it, else ATen (MKL);
+  on CUDA straight to cuBLAS (the allow_tf32 setting applies to fp32).
 * ``triton`` (``kernels/rnn.py``): the same algorithm with the fused gate kernels written in
-  Triton and the time loop in Python (see that module for the trade-off). CUDA tensors, and
-  CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+  Triton and the time loop in Python (see that module for the trade-off; its per-step GEMMs
+  stay fp32). CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 
 Nothing is built or imported at registration. When ``auto`` picks the backend, ``cpu`` is used
 only if the extension is already built (or ``TURBOLM_BUILD_EXT=1``): ``auto`` never starts a
