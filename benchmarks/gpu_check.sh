@@ -6,7 +6,8 @@
 #   benchmarks/gpu_check.sh [OUTDIR]        (default: benchmarks/results/h200)
 #
 # Environment: GPU_CHECK_DEADLINE_S=N cuts every step short so the whole run ends within N
-# seconds (the summary and files are still written). GPU_CHECK_QUICK=1 trims every step to fit a ~6 minute device slot (the test
+# seconds (the summary and files are still written); GPU_CHECK_ONLY="pytest_decode bench_decode"
+# runs only the steps named (plus the install and the build). GPU_CHECK_QUICK=1 trims every step to fit a ~6 minute device slot (the test
 # step then runs the kernel-op test files only) and packs the benchmark files into
 # OUTDIR/results.tar.gz (the device returns at most a few files). Needs python with torch (CUDA build), triton,
 # ninja, pybind11, nvcc; installs nothing from the network (wheels/*.whl are installed offline
@@ -31,6 +32,10 @@ LOG="$OUT/gpu_check.log"  # every step's full output, one file (the device retur
 step() {  # step NAME TIMEOUT_S CMD...  -> runs CMD, appends its output to $LOG, records a row
     local name="$1" limit="$2"; shift 2
     local t0=$SECONDS tmp
+    # GPU_CHECK_ONLY="step step ...": run only these steps (and install / build_ext).
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " install install_wheels build_ext $GPU_CHECK_ONLY " != *" $name "* ]]; then
+        return
+    fi
     if [ "$DEADLINE" -gt 0 ]; then  # leave ~15 s for the summary and packing
         local left=$((DEADLINE - SECONDS - 15))
         if [ "$left" -lt 5 ]; then
