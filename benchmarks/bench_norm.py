@@ -11,6 +11,7 @@ memory-bound kernels.
     python benchmarks/bench_norm.py                 # GPU if present, else CPU; standard sizes
     python benchmarks/bench_norm.py --device cpu --threads 2 --sizes 4096x768,1024x4096
     python benchmarks/bench_norm.py --dry-run --out /tmp/x   # tiny CPU run of every code path
+    python benchmarks/bench_norm.py --host-overhead --device cpu  # per-call cost, tiny tensors
 
 Writes ``norm.csv`` / ``norm.md`` (and ``norm.png`` with matplotlib, the ``bench`` extra)
 under ``benchmarks/results/<device>/`` (``--out`` to change). Peer libraries are imported only
@@ -304,7 +305,19 @@ def main(argv=None) -> list[dict]:
         help="tiny CPU run (torch, reference, peers' 'not run' rows) of every code path, "
         "including the result files and the plot; needs --out",
     )
+    parser.add_argument(
+        "--host-overhead",
+        action="store_true",
+        help="only print the per-call host cost of every backend on tiny tensors (4x64 fp32) "
+        "and torch.nn.functional's, in microseconds; writes no files",
+    )
     args = parser.parse_args(argv)
+    if args.host_overhead:
+        set_threads(args.threads or 1)
+        gpu = args.device != "cpu"
+        default = "torch,triton,cuda" if gpu else "torch,cpu"
+        host_overhead(args.device, args.ops.split(","), (args.backends or default).split(","))
+        return []
     if args.dry_run:
         if not args.out:
             parser.error("--dry-run needs --out (it must not overwrite committed results)")
@@ -413,6 +426,74 @@ def main(argv=None) -> list[dict]:
         print(
             f"  {key[0]:10s} {key[1]:8s} {key[2]}x{key[3]}: {r['backend']} ({r['fwd_bwd_ms']:.3f} ms)"
         )
+    return results
+
+
+def _overhead_fn(op: str, backend: str, n: int, eps: float = 1e-5):
+    """fn(x, weight[, bias]) for the host-overhead table; ``F``: torch.nn.functional."""
+    if backend == "F":
+        if op == "layer_norm":
+            return lambda x, w, b: torch.nn.functional.layer_norm(x, (n,), w, b, eps)
+        return lambda x, w: torch.nn.functional.rms_norm(x, (n,), w, eps)
+    if op == "layer_norm":
+        return lambda x, w, b: layer_norm(x, n, w, b, eps, backend=backend)
+    return lambda x, w: rms_norm(x, n, w, eps, backend=backend)
+
+
+def host_overhead(device: str, ops, backends, rows: int = 4, n: int = 64) -> list[dict]:
+    """Per-call cost in microseconds of each backend on tiny fp32 tensors (rows x n), where the
+    kernels take no time: what the op layer, the autograd.Function and the launches cost on
+    the host. ``F`` is torch.nn.functional called directly (the floor to compare with).
+    CPU: thread CPU time (robust on a busy machine); GPU: wall time, synchronized per loop.
+    Cases: forward without autograd, forward recording the graph, forward + autograd.grad."""
+    gpu = device != "cpu"
+    clock = time.perf_counter if gpu else time.thread_time
+
+    def per_call_us(fn, calls=2000, rounds=7):
+        for _ in range(200):
+            fn()
+        best = float("inf")
+        for _ in range(rounds):
+            if gpu:
+                torch.cuda.synchronize()
+            start = clock()
+            for _ in range(calls):
+                fn()
+            if gpu:
+                torch.cuda.synchronize()
+            best = min(best, (clock() - start) / calls * 1e6)
+        return best
+
+    x = torch.randn(rows, n, device=device, requires_grad=True)
+    w = torch.randn(n, device=device, requires_grad=True)
+    b = torch.randn(n, device=device, requires_grad=True)
+    dy = torch.randn(rows, n, device=device)
+    results = []
+    for op in ops:
+        params = (x, w, b) if op == "layer_norm" else (x, w)
+        plain = tuple(p.detach() for p in params)
+        for backend in ["F", *backends]:
+            if backend != "F":
+                reason = why_not(op, backend, device, torch.float32)
+                if reason is not None:
+                    print(f"{op:10s} {backend:8s} not run: {reason}", flush=True)
+                    continue
+            fn = _overhead_fn(op, backend, n)
+            row = {
+                "op": op,
+                "backend": backend,
+                "fwd_nograd_us": per_call_us(functools.partial(fn, *plain)),
+                "fwd_us": per_call_us(functools.partial(fn, *params)),
+                "fwd_bwd_us": per_call_us(
+                    lambda fn=fn, params=params: torch.autograd.grad(fn(*params), params, dy)
+                ),
+            }
+            results.append(row)
+            print(
+                f"{op:10s} {backend:8s} {rows}x{n} fp32: fwd (no grad) {row['fwd_nograd_us']:7.1f} us"
+                f"  fwd {row['fwd_us']:7.1f} us  fwd+bwd {row['fwd_bwd_us']:7.1f} us",
+                flush=True,
+            )
     return results
 
 

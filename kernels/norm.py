@@ -492,10 +492,13 @@ def _poison() -> bool:
     return os.environ.get("TURBOLM_POISON_OUTPUTS") == "1"
 
 
-def _new(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A new output; NaN-filled under TURBOLM_POISON_OUTPUTS=1 (catches unwritten elements)."""
+def _new(
+    shape, like: torch.Tensor, dtype: torch.dtype | None = None, poison: bool | None = None
+) -> torch.Tensor:
+    """A new output; NaN-filled under TURBOLM_POISON_OUTPUTS=1 (catches unwritten elements).
+    ``poison``: that setting, when the caller already read it (one environment read per op)."""
     dtype = dtype or like.dtype
-    if _poison():
+    if poison if poison is not None else _poison():
         return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
     return torch.empty(shape, dtype=dtype, device=like.device)
 
@@ -513,8 +516,9 @@ def _sum_partials(dw_part, db_part, w_dtype, b_dtype):
     """(dweight, dbias): column sums of the (parts, N) fp32 partials (None where absent)."""
     part = dw_part if dw_part is not None else db_part
     n_parts, n = part.shape
-    dw = _new((n,), part, w_dtype) if dw_part is not None else None
-    db = _new((n,), part, b_dtype) if db_part is not None else None
+    poison = _poison()
+    dw = _new((n,), part, w_dtype, poison) if dw_part is not None else None
+    db = _new((n,), part, b_dtype, poison) if db_part is not None else None
     block_n = min(SUM_BLOCK_N, triton.next_power_of_2(n))
     block_p = max(1, min(SUM_TILE_ELEMS // block_n, triton.next_power_of_2(n_parts)))
     _launch(
@@ -542,10 +546,11 @@ def _norm_fwd(x, weight, bias, eps: float, rms: bool, residual=None):
     rows, n = x.shape
     x = _rows_major(x)
     res = _rows_major(residual) if residual is not None else None
-    y = _new((rows, n), x)
-    s = _new((rows, n), x) if res is not None else None
-    mean = None if rms else _new((rows,), x, torch.float32)
-    rstd = _new((rows,), x, torch.float32)
+    poison = _poison()
+    y = _new((rows, n), x, poison=poison)
+    s = _new((rows, n), x, poison=poison) if res is not None else None
+    mean = None if rms else _new((rows,), x, torch.float32, poison)
+    rstd = _new((rows,), x, torch.float32, poison)
     if rows == 0:
         return y, mean, rstd, s
     loop = n > MAX_FUSED_N

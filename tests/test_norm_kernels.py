@@ -305,6 +305,79 @@ def test_auto_uses_cpu_only_when_built(built, monkeypatch):
     assert registry.select("layer_norm", "cpu", None, x=x, auto=True).name == "torch"
 
 
+def test_auto_choice_follows_the_extension_state(built, monkeypatch):
+    """The op layer caches its backend choice (registry cache_key = norm_kernels.selection_key):
+    the key includes whether the extension is built, so auto moves off cpu when it is not."""
+    x = torch.randn(4, 8)
+
+    def auto_choice():
+        key = norm_kernels.selection_key(x, None, None)
+        return registry.select("layer_norm", "cpu", None, cache_key=key, x=x).name
+
+    assert auto_choice() == "cpu"
+    assert auto_choice() == "cpu"
+    monkeypatch.setattr(ext, "_module", None)
+    monkeypatch.setattr(ext, "_built_cache", False)
+    monkeypatch.delenv("TURBOLM_BUILD_EXT", raising=False)
+    assert auto_choice() == "torch"
+    unbuilt = norm_kernels.selection_key(x, None, None)
+    monkeypatch.setenv("TURBOLM_BUILD_EXT", "1")  # auto may build it now: another slot
+    assert norm_kernels.selection_key(x, None, None) != unbuilt
+    monkeypatch.undo()
+    assert auto_choice() == "cpu"
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "cpu",
+        "triton",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")],
+        ),
+    ],
+)
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_backends_shapes_and_graph(request, backend, op):
+    """2-D x with 1-D parameters: the op's graph is the one KernelFunction node (no reshape /
+    view nodes). x (..., 4, 8) with 2-D parameters: outputs and every gradient in their inputs'
+    shapes, with contiguous and expanded (stride 0) upstream gradients. Outputs can be modified
+    in place (a view made inside a custom Function could not)."""
+    device = {"cpu": "cpu", "triton": triton_device, "cuda": "cuda"}[backend]
+    if backend == "cpu":
+        request.getfixturevalue("built")
+
+    def run(x, shape, w, b):
+        if op == "layer_norm":
+            ours = layer_norm(x, shape, w, b, backend=backend)
+            return ours, torch.nn.functional.layer_norm(x, shape, w, b)
+        return rms_norm(x, shape, w, 1e-6, backend=backend), torch.nn.functional.rms_norm(
+            x, shape, w, 1e-6
+        )
+
+    for x_shape, shape in (((6, 8), (8,)), ((3, 2, 4, 8), (4, 8))):
+        x = torch.randn(x_shape, device=device, requires_grad=True)
+        w = (1 + 0.5 * torch.randn(shape, device=device)).requires_grad_()
+        b = torch.randn(shape, device=device, requires_grad=True)
+        params = (x, w, b) if op == "layer_norm" else (x, w)
+        y, ref = run(x, shape, w, b)
+        if len(x_shape) == 2:
+            assert type(y.grad_fn).__name__ == "KernelFunctionBackward"
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        for dy in (torch.randn_like(y), torch.ones((), device=device).expand_as(y)):
+            got = torch.autograd.grad(y, params, dy, retain_graph=True)
+            want = torch.autograd.grad(ref, params, dy, retain_graph=True)
+            for g, e in zip(got, want):
+                assert g.shape == e.shape
+                torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+        y, ref = run(x, shape, w, b)
+        got = torch.autograd.grad(y.mul_(2).sum(), params)
+        want = torch.autograd.grad(ref.mul(2).sum(), params)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
 def test_auto_skips_unverified_gpu_kernels():
     """On CUDA tensors auto takes neither cuda nor triton until norm_kernels.GPU_AUTO is set
     (after a GPU run verified them); named, they are not refused for that reason."""

@@ -97,3 +97,71 @@ def test_run_backend_skips_autograd_when_nothing_needs_gradients():
     assert type(y.grad_fn).__name__ == "KernelFunctionBackward"
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.full((4,), 2.0))
+
+
+@pytest.fixture
+def counted_op():
+    """Op "toy3": a cpu kernel backend whose supports() accepts x == "ok" (calls recorded)."""
+    calls = []
+
+    def supports(x=None, auto=False, **_):
+        calls.append(auto)
+        return None if x == "ok" else "x is not ok"
+
+    registry.register("toy3", "reference", fn=lambda x: x)
+    registry.register(
+        "toy3", "cpu", fwd=lambda x: (x, None), bwd=lambda g, _: (g,), supports=supports
+    )
+    yield calls
+    registry._REGISTRY.pop("toy3")
+    registry.clear_selection_cache()
+
+
+def _pick3(explicit=None, key="k", x="ok"):
+    if key is None:
+        return registry.select("toy3", "cpu", explicit, x=x).name
+    return registry.select("toy3", "cpu", explicit, cache_key=key, x=x).name
+
+
+def test_selection_cache_keeps_successes_only(counted_op):
+    calls = counted_op
+    assert [_pick3() for _ in range(3)] == ["cpu"] * 3  # auto: asked once, then cached
+    assert calls == [True]
+    assert [_pick3("cpu") for _ in range(3)] == ["cpu"] * 3  # by name: its own slot
+    assert calls == [True, False]
+    for _ in range(2):  # a failure is never cached: asked again, raised again
+        with pytest.raises(BackendError, match="x is not ok"):
+            _pick3("cpu", key="bad", x="bad")
+    assert calls == [True, False, False, False]
+    assert [_pick3(key="bad", x="bad") for _ in range(2)] == ["reference"] * 2  # auto falls on
+    assert calls == [True, False, False, False, True]
+    assert [_pick3(key=None) for _ in range(2)] == ["cpu"] * 2  # no key: nothing cached
+    assert calls[-2:] == [True, True]
+
+
+def test_selection_cache_follows_the_registry_and_the_request(counted_op, monkeypatch):
+    assert _pick3() == "cpu"
+    # Registering (here: replacing cpu) clears the cache.
+    registry.register(
+        "toy3", "cpu", fwd=lambda x: (x, None), bwd=lambda g, _: (g,), supports=lambda **_: "gone"
+    )
+    assert _pick3() == "reference"
+    with pytest.raises(BackendError, match="gone"):
+        _pick3("cpu")
+    # A table swapped in without register() (tests do this) is noticed too.
+    table = dict(registry._REGISTRY["toy3"])
+    table["cpu"] = registry.Backend("toy3", "cpu", fwd=lambda x: (x, None), bwd=lambda g, _: (g,))
+    monkeypatch.setitem(registry._REGISTRY, "toy3", table)
+    assert _pick3() == "cpu"
+    monkeypatch.undo()
+    assert _pick3() == "reference"
+    # The requested name is part of the slot: the environment variable is read on every call.
+    monkeypatch.setenv("TURBOLM_BACKEND", "toy3=reference")
+    assert _pick3() == "reference"
+    monkeypatch.setenv("TURBOLM_BACKEND", "toy3=cpu")
+    with pytest.raises(BackendError, match="TURBOLM_BACKEND"):
+        _pick3()
+    monkeypatch.setenv("TURBOLM_BACKEND", "toy3=fastest")
+    for _ in range(2):  # an invalid value raises on every call
+        with pytest.raises(BackendError, match="unknown backend 'fastest'"):
+            _pick3()

@@ -16,9 +16,12 @@
 //   * dx: same thread layout; pass 1 reduces sum(g) and sum(g * xhat), pass 2 writes
 //     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (norm_dx of row_math.h).
 //   * dweight / dbias, deterministic without atomics: a partial-sum kernel over a grid of
-//     (column tiles of 32) x (row splits); each block sums its rows in a fixed order through
-//     shared memory into partial[split, col] (fp32); a second kernel adds the splits in order
-//     and casts to the weight dtype. The split count depends only on (rows, N).
+//     (column tiles of 32 vectors: 16-byte loads, as above) x (row splits); each block sums
+//     its rows in a fixed order through shared memory into partial[split, col] (fp32); one
+//     more kernel adds the splits in a fixed order (kSumLanes interleaved lanes, then the
+//     lanes) for dweight and dbias together and casts to the weight dtype. The split count
+//     depends only on (rows, N). This second read of dy and x could be folded into the dx
+//     kernel (per-thread column partials over a contiguous range of rows): not done yet.
 // Headers: ATen core / c10 only (no torch/extension.h), to keep nvcc builds short.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -237,56 +240,101 @@ __global__ void norm_bwd_dx_kernel(const T* __restrict__ dy, const T* __restrict
 
 // ---- backward: dweight / dbias ------------------------------------------------------------
 
-constexpr int kColTile = 32;   // columns per block (threadIdx.x)
+constexpr int kColTile = 32;   // column vectors per block (threadIdx.x): kColTile * VEC columns
 constexpr int kRowLanes = 8;   // rows walked in parallel per block (threadIdx.y)
 constexpr int64_t kRowsPerSplit = 128;
 constexpr int64_t kMaxSplits = 256;
 
-// partial_w / partial_b: (splits, n) fp32 (fp64); block (kColTile, kRowLanes), grid (col tiles, splits).
-template <typename T, typename acc_t>
+// partial_w / partial_b: (splits, n) fp32 (fp64); block (kColTile, kRowLanes), grid
+// (ceil(n / (kColTile * VEC)), splits). Each thread owns VEC adjacent columns and reads them
+// with one 16-byte load per row and tensor when VEC > 1 (as the dx kernel: n % VEC == 0 and
+// 16-byte aligned pointers, so a vector is wholly inside the row); lane y sums rows
+// begin + y, begin + y + kRowLanes, ... in order, then the lanes are added 0..kRowLanes-1.
+template <typename T, typename acc_t, int VEC>
 __global__ void norm_bwd_partial_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                         const acc_t* __restrict__ mean,
                                         const acc_t* __restrict__ rstd, acc_t* __restrict__ partial_w,
                                         acc_t* __restrict__ partial_b, int64_t rows, int64_t n,
                                         int64_t rows_per_split) {
-  __shared__ acc_t sw[kRowLanes][kColTile + 1];
-  __shared__ acc_t sb[kRowLanes][kColTile + 1];
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
+  // [lane][element of the vector][column vector]: bank-conflict-free stores and loads.
+  __shared__ acc_t sw[kRowLanes][VEC][kColTile + 1];
+  __shared__ acc_t sb[kRowLanes][VEC][kColTile + 1];
+  const int64_t col = (static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x) * VEC;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t end = begin + rows_per_split < rows ? begin + rows_per_split : rows;
-  acc_t aw = 0, ab = 0;
+  acc_t aw[VEC], ab[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) aw[k] = ab[k] = acc_t(0);
   if (col < n) {
     for (int64_t r = begin + threadIdx.y; r < end; r += kRowLanes) {
-      const acc_t d = static_cast<acc_t>(dy[r * n + col]);
+      acc_t d[VEC], v[VEC];
+      load_vec<T, acc_t, VEC>(dy + r * n + col, d);
+      load_vec<T, acc_t, VEC>(x + r * n + col, v);
       const acc_t mu = mean != nullptr ? mean[r] : acc_t(0);
-      aw += d * ((static_cast<acc_t>(x[r * n + col]) - mu) * rstd[r]);
-      ab += d;
+      const acc_t rs = rstd[r];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        aw[k] += d[k] * ((v[k] - mu) * rs);
+        ab[k] += d[k];
+      }
     }
   }
-  sw[threadIdx.y][threadIdx.x] = aw;
-  sb[threadIdx.y][threadIdx.x] = ab;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < n) {
-    acc_t tw = 0, tb = 0;
 #pragma unroll
-    for (int k = 0; k < kRowLanes; ++k) {
-      tw += sw[k][threadIdx.x];
-      tb += sb[k][threadIdx.x];
+  for (int k = 0; k < VEC; ++k) {
+    sw[threadIdx.y][k][threadIdx.x] = aw[k];
+    sb[threadIdx.y][k][threadIdx.x] = ab[k];
+  }
+  __syncthreads();
+  // Thread (x, y) finishes element k = y (y + kRowLanes, ...) of column vector x.
+  if (col < n) {
+    for (int k = threadIdx.y; k < VEC; k += kRowLanes) {
+      acc_t tw = 0, tb = 0;
+#pragma unroll
+      for (int j = 0; j < kRowLanes; ++j) {
+        tw += sw[j][k][threadIdx.x];
+        tb += sb[j][k][threadIdx.x];
+      }
+      const int64_t at = static_cast<int64_t>(blockIdx.y) * n + col + k;
+      if (partial_w != nullptr) partial_w[at] = tw;
+      if (partial_b != nullptr) partial_b[at] = tb;
     }
-    if (partial_w != nullptr) partial_w[blockIdx.y * n + col] = tw;
-    if (partial_b != nullptr) partial_b[blockIdx.y * n + col] = tb;
   }
 }
 
-// out[col] = sum over splits of partial[split, col], in split order, cast to T.
+constexpr int kSumLanes = 8;  // split rows summed in parallel per column (threadIdx.y)
+
+// dw[col] / db[col] = sum over splits of partial_w / partial_b[split, col], cast to T; either
+// pair may be null (one launch serves both). Block (kWarp columns, kSumLanes lanes): lane j
+// adds splits j, j + kSumLanes, ... in order, then lane 0 adds the lanes 0..kSumLanes-1 in
+// order: a fixed order, so deterministic. (Before: one thread per column walked all splits,
+// up to 256 loads feeding one chain of adds, on only n / 256 blocks: latency-bound.)
 template <typename T, typename acc_t>
-__global__ void sum_partials_kernel(const acc_t* __restrict__ partial, T* __restrict__ out,
-                                    int64_t splits, int64_t n) {
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= n) return;
-  acc_t s = 0;
-  for (int64_t k = 0; k < splits; ++k) s += partial[k * n + col];
-  out[col] = static_cast<T>(s);
+__global__ void sum_partials_kernel(const acc_t* __restrict__ partial_w,
+                                    const acc_t* __restrict__ partial_b, T* __restrict__ dw,
+                                    T* __restrict__ db, int64_t splits, int64_t n) {
+  __shared__ acc_t sw[kSumLanes][kWarp + 1];
+  __shared__ acc_t sb[kSumLanes][kWarp + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
+  acc_t tw = 0, tb = 0;
+  if (col < n) {
+    for (int64_t k = threadIdx.y; k < splits; k += kSumLanes) {
+      if (partial_w != nullptr) tw += partial_w[k * n + col];
+      if (partial_b != nullptr) tb += partial_b[k * n + col];
+    }
+  }
+  sw[threadIdx.y][threadIdx.x] = tw;
+  sb[threadIdx.y][threadIdx.x] = tb;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < n) {
+    acc_t w = 0, b = 0;
+#pragma unroll
+    for (int j = 0; j < kSumLanes; ++j) {
+      w += sw[j][threadIdx.x];
+      b += sb[j][threadIdx.x];
+    }
+    if (dw != nullptr) dw[col] = static_cast<T>(w);
+    if (db != nullptr) db[col] = static_cast<T>(b);
+  }
 }
 
 // ---- launch helpers -----------------------------------------------------------------------
@@ -349,8 +397,9 @@ void launch_bwd(const T* dy, const T* x, const T* w, const acc_t* mean, const ac
                 T* dw, T* db, acc_t* partial_w, acc_t* partial_b, int64_t splits,
                 int64_t rows_per_split, int64_t rows, int64_t n, bool rms, int device,
                 cudaStream_t stream) {
+  // 16-byte vectors when every pointer allows it (the dweight / dbias kernel uses the same).
+  const int vec = pick_vec<T>(n, {dy, x, w, dx});
   if (rows > 0) {
-    const int vec = pick_vec<T>(n, {dy, x, w, dx});
     const RowLaunch l = row_launch(rows, n, vec, device);
     if (vec == 16 / static_cast<int>(sizeof(T))) {
       norm_bwd_dx_kernel<T, acc_t, 16 / sizeof(T)>
@@ -362,20 +411,21 @@ void launch_bwd(const T* dy, const T* x, const T* w, const acc_t* mean, const ac
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (dw == nullptr && db == nullptr) return;
-  const dim3 grid(static_cast<unsigned>((n + kColTile - 1) / kColTile),
-                  static_cast<unsigned>(splits));
-  norm_bwd_partial_kernel<T, acc_t><<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(
-      dy, x, mean, rstd, partial_w, partial_b, rows, n, rows_per_split);
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t tile = static_cast<int64_t>(kColTile) * (vec == kVec ? kVec : 1);
+  const dim3 grid(static_cast<unsigned>((n + tile - 1) / tile), static_cast<unsigned>(splits));
+  if (vec == kVec) {
+    norm_bwd_partial_kernel<T, acc_t, kVec><<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(
+        dy, x, mean, rstd, partial_w, partial_b, rows, n, rows_per_split);
+  } else {
+    norm_bwd_partial_kernel<T, acc_t, 1><<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(
+        dy, x, mean, rstd, partial_w, partial_b, rows, n, rows_per_split);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const unsigned col_blocks = static_cast<unsigned>((n + 255) / 256);
-  if (dw != nullptr) {
-    sum_partials_kernel<T, acc_t><<<col_blocks, 256, 0, stream>>>(partial_w, dw, splits, n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (db != nullptr) {
-    sum_partials_kernel<T, acc_t><<<col_blocks, 256, 0, stream>>>(partial_b, db, splits, n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const unsigned col_blocks = static_cast<unsigned>((n + kWarp - 1) / kWarp);
+  sum_partials_kernel<T, acc_t><<<col_blocks, dim3(kWarp, kSumLanes), 0, stream>>>(
+      partial_w, partial_b, dw, db, splits, n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---- ops ------------------------------------------------------------------------------------
@@ -421,19 +471,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
   const int64_t splits =
       std::max<int64_t>(1, std::min(kMaxSplits, (rows + kRowsPerSplit - 1) / kRowsPerSplit));
   const int64_t rows_per_split = std::max<int64_t>(1, (rows + splits - 1) / splits);
-  const auto stat_options = x.options().dtype(stat_dtype(x));
-  at::Tensor partial_w = weight ? at::empty({splits, n}, stat_options) : at::Tensor();
-  at::Tensor partial_b = has_bias ? at::empty({splits, n}, stat_options) : at::Tensor();
+  // One (parts, splits, n) buffer holds the dweight and / or dbias partials (one allocation).
+  const int64_t parts = (weight ? 1 : 0) + (has_bias ? 1 : 0);
+  at::Tensor partial =
+      parts > 0 ? at::empty({parts, splits, n}, x.options().dtype(stat_dtype(x))) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TURBOLM_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
+    acc_t* partial_w = weight ? partial.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* partial_b = has_bias ? partial.mutable_data_ptr<acc_t>() + (weight ? splits * n : 0)
+                                : nullptr;
     launch_bwd<scalar_t, acc_t>(
         dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(w),
         mean.defined() ? mean.const_data_ptr<acc_t>() : nullptr, rstd.const_data_ptr<acc_t>(),
         dx.mutable_data_ptr<scalar_t>(), weight ? dw.mutable_data_ptr<scalar_t>() : nullptr,
-        has_bias ? db.mutable_data_ptr<scalar_t>() : nullptr,
-        weight ? partial_w.mutable_data_ptr<acc_t>() : nullptr,
-        has_bias ? partial_b.mutable_data_ptr<acc_t>() : nullptr, splits, rows_per_split, rows, n,
-        rms, x.get_device(), stream);
+        has_bias ? db.mutable_data_ptr<scalar_t>() : nullptr, partial_w, partial_b, splits,
+        rows_per_split, rows, n, rms, x.get_device(), stream);
   });
   return {dx, dw, db};
 }

@@ -28,21 +28,33 @@ def check_float(name: str, tensor: torch.Tensor, dtypes: Sequence[torch.dtype] =
 
 
 def check_same_dtype(**tensors: torch.Tensor | None) -> None:
-    present = {k: t for k, t in tensors.items() if t is not None}
-    dtypes = {t.dtype for t in present.values()}
-    if len(dtypes) > 1:
-        listing = ", ".join(f"{k}={str(t.dtype).replace('torch.', '')}" for k, t in present.items())
-        raise DTypeError(f"tensors must share one dtype, got {listing}")
+    dtype = None
+    for t in tensors.values():  # the common, passing case: no containers built
+        if t is not None:
+            if dtype is None:
+                dtype = t.dtype
+            elif t.dtype != dtype:
+                present = {k: t for k, t in tensors.items() if t is not None}
+                listing = ", ".join(
+                    f"{k}={str(t.dtype).replace('torch.', '')}" for k, t in present.items()
+                )
+                raise DTypeError(f"tensors must share one dtype, got {listing}")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     """All given tensors live on one device; returns it."""
-    present = {k: t for k, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{k} on {t.device}" for k, t in present.items())
-        raise DeviceError(f"tensors must be on the same device, got {listing}")
-    return next(iter(present.values())).device
+    device = None
+    for t in tensors.values():  # the common, passing case: no containers built
+        if t is not None:
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                present = {k: t for k, t in tensors.items() if t is not None}
+                listing = ", ".join(f"{k} on {t.device}" for k, t in present.items())
+                raise DeviceError(f"tensors must be on the same device, got {listing}")
+    if device is None:
+        raise ValueError("check_same_device needs at least one tensor")  # a caller's bug
+    return device
 
 
 def check_ndim(name: str, tensor: torch.Tensor, ndims: int | Sequence[int], layout: str = ""):

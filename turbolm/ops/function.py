@@ -31,11 +31,11 @@ class KernelFunction(torch.autograd.Function):
 
 def run_backend(backend: Backend, inputs: tuple, params: dict):
     """Call ``backend`` on positional tensor ``inputs`` and keyword ``params``."""
-    if backend.is_autograd_native:
+    if backend.fn is not None:  # autograd-native
         return backend.fn(*inputs, **params)
-    if not torch.is_grad_enabled() or not any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in inputs
-    ):
-        # Nothing to differentiate (inference, eval): skip the autograd.Function's overhead.
-        return backend.fwd(*inputs, **params)[0]
-    return KernelFunction.apply(backend, params, *inputs)
+    if torch.is_grad_enabled():
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                return KernelFunction.apply(backend, params, *inputs)
+    # Nothing to differentiate (inference, eval): skip the autograd.Function's overhead.
+    return backend.fwd(*inputs, **params)[0]

@@ -6,7 +6,13 @@ Statistics are computed in fp32 (fp64 for fp64 inputs); the output has ``x``'s d
 Kernel backends (``triton``, ``cuda``, ``cpu``: registered in ``turbolm/ops/norm_kernels.py``)
 see ``x`` flattened to (rows, N) with a contiguous last dimension and register
 ``fwd(x2d, weight, bias, eps=) -> (y2d, *saved)`` / ``bwd(dy2d, *saved, eps=) -> (dx2d, dweight,
-dbias)`` (RMSNorm: no bias).
+dbias)`` (RMSNorm: no bias). The flattening adds no autograd node where there is nothing to
+flatten (2-D x, 1-D weight and bias).
+
+The functional API runs on every layer of every step, so its host path is kept short: the
+input checks test the common, valid case first and fall back to the full, message-building
+checks only when something is off (same typed errors); the backend choice is cached per
+(device type, dtypes, requested backend) by the registry (``norm_kernels.selection_key``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ import torch.nn.functional as F
 
 from turbolm.errors import InputError, ShapeError
 from turbolm.ops import registry
-from turbolm.ops.checks import check_float, check_same_device, check_same_dtype, check_shape
+from turbolm.ops.checks import (
+    FLOAT_DTYPES,
+    check_float,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+)
 from turbolm.ops.function import run_backend
 
 
@@ -68,7 +80,39 @@ registry.register("rms_norm", "torch", fn=_rms_norm_torch)
 
 
 def _check_norm_inputs(x, normalized_shape, weight, bias, eps):
-    normalized_shape = tuple(int(s) for s in normalized_shape)
+    """normalized_shape as a tuple of ints, after checking every argument (typed errors)."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (int(normalized_shape),)
+    else:
+        normalized_shape = tuple([int(s) for s in normalized_shape])
+    # The common, valid case in one expression; anything else goes through the full checks
+    # below, which raise the typed error (in the same order as they always did).
+    if (
+        isinstance(x, torch.Tensor)
+        and x.dtype in FLOAT_DTYPES
+        and x.shape[-len(normalized_shape) :] == normalized_shape
+        and (
+            weight is None
+            or (
+                isinstance(weight, torch.Tensor)
+                and weight.dtype in FLOAT_DTYPES
+                and weight.shape == normalized_shape
+                and weight.device == x.device
+            )
+        )
+        and (
+            bias is None
+            or (
+                isinstance(bias, torch.Tensor)
+                and bias.dtype in FLOAT_DTYPES
+                and bias.shape == normalized_shape
+                and bias.device == x.device
+            )
+        )
+    ):
+        if eps is not None and not (eps >= 0 and math.isfinite(eps)):
+            raise InputError(f"eps must be a finite number >= 0, got {eps}")
+        return normalized_shape
     check_float("x", x)
     if weight is not None:
         check_float("weight", weight)
@@ -100,34 +144,56 @@ def _check_residual(x, residual):
         )
 
 
+_DEFAULT_RMS_EPS: dict[torch.dtype, float] = {}
+
+
 def _run_norm(op, x, normalized_shape, weight, bias, eps, backend, residual=None):
-    # `auto` tells the kernel backends' supports() whether they were asked for by name (they
-    # may then build the C++ extension) or are being tried by `auto` (see norm_kernels.py).
-    auto = registry.requested_backend(op, backend)[0] == "auto"
-    chosen = registry.select(op, x.device.type, backend, x=x, weight=weight, bias=bias, auto=auto)
-    extra = (bias,) if op == "layer_norm" else ()
+    chosen = registry.select(
+        op,
+        x.device.type,
+        backend,
+        cache_key=norm_kernels.selection_key(x, weight, bias),
+        x=x,
+        weight=weight,
+        bias=bias,
+    )
+    layer = op == "layer_norm"
+    if chosen.fn is not None:  # autograd-native (reference, torch): one add first
+        if residual is not None:
+            x = x + residual
+        if layer:
+            y = chosen.fn(x, normalized_shape, weight, bias, eps)
+        else:
+            y = chosen.fn(x, normalized_shape, weight, eps)
+        return y if residual is None else (y, x)
+    # Kernel backends need one dtype (their supports() already refused mixed ones).
+    if (weight is not None and weight.dtype != x.dtype) or (
+        bias is not None and bias.dtype != x.dtype
+    ):
+        check_same_dtype(x=x, weight=weight, bias=bias)
     # residual: y = norm(x + residual), returned with the sum. Fused into the kernel where the
     # backend can (triton); otherwise one add first.
     fused = residual is not None and chosen.name in norm_kernels.FUSED_RESIDUAL
     if residual is not None and not fused:
         x = x + residual
-    if chosen.is_autograd_native:
-        y = chosen.fn(x, normalized_shape, weight, *extra, eps)
-        return y if residual is None else (y, x)
-    # Kernel backends work on (rows, N) with a contiguous last dim and one dtype.
-    check_same_dtype(x=x, weight=weight, bias=bias)
-    n = math.prod(normalized_shape)
-    x2d = x.reshape(-1, n).contiguous()
-    flat = [None if t is None else t.reshape(n) for t in (weight, *extra)]
-    if fused:
-        flat.append(residual.reshape(-1, n).contiguous())
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    out = run_backend(chosen, (x2d, *flat), {"eps": float(eps)})
+        eps = _DEFAULT_RMS_EPS.get(x.dtype)
+        if eps is None:
+            eps = _DEFAULT_RMS_EPS[x.dtype] = torch.finfo(x.dtype).eps
+    # Kernel backends work on (rows, N) with a contiguous last dim: reshape only what needs it
+    # (each reshape of a tensor that requires grad is one more autograd node).
+    n = normalized_shape[0] if len(normalized_shape) == 1 else math.prod(normalized_shape)
+    flat = x.dim() == 2 and x.shape[1] == n
+    inputs = [(x if flat else x.reshape(-1, n)).contiguous()]
+    for t in (weight, bias) if layer else (weight,):
+        inputs.append(t if t is None or t.dim() == 1 else t.reshape(n))
+    if fused:
+        inputs.append((residual if flat else residual.reshape(-1, n)).contiguous())
+    out = run_backend(chosen, tuple(inputs), {"eps": float(eps)})
     if fused:
         y2d, s2d = out
-        return y2d.view(x.shape), s2d.view(x.shape)
-    y = out.view(x.shape)
+        return (y2d, s2d) if flat else (y2d.view(x.shape), s2d.view(x.shape))
+    y = out if flat else out.view(x.shape)
     return y if residual is None else (y, x)
 
 
@@ -146,8 +212,6 @@ def layer_norm(
     With ``residual`` (x's shape and dtype): returns ``(layer_norm(x + residual), x + residual)``
     (the pre-norm residual stream update; fused into one kernel by the triton backend).
     """
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
     normalized_shape = _check_norm_inputs(x, normalized_shape, weight, bias, eps)
     _check_residual(x, residual)
     return _run_norm("layer_norm", x, normalized_shape, weight, bias, eps, backend, residual)
@@ -167,8 +231,6 @@ def rms_norm(
     ``eps=None`` means ``torch.finfo(x.dtype).eps``, as ``torch.nn.RMSNorm``. With
     ``residual``: returns ``(rms_norm(x + residual), x + residual)`` (see :func:`layer_norm`).
     """
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
     normalized_shape = _check_norm_inputs(x, normalized_shape, weight, None, eps)
     _check_residual(x, residual)
     return _run_norm("rms_norm", x, normalized_shape, weight, None, eps, backend, residual)

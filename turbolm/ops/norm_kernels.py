@@ -1,8 +1,10 @@
 """Kernel backends of ``layer_norm`` / ``rms_norm``: ``triton``, ``cuda`` and ``cpu``.
 
-Each registers ``fwd(x2d, weight[, bias], eps=) -> (y2d, *saved)`` and
-``bwd(dy2d, *saved, eps=) -> (dx2d, dweight[, dbias])`` for the op's KernelFunction
-(``turbolm/ops/function.py``); ``x2d`` is (rows, N) with a contiguous last dimension.
+Each registers ``fwd(x2d, weight[, bias][, residual2d], eps=) -> (y2d, *saved)`` and
+``bwd(dy2d, *saved, eps=) -> (dx2d, dweight[, dbias][, dresidual2d])`` for the op's
+KernelFunction (``turbolm/ops/function.py``); ``x2d`` is (rows, N) with a contiguous last
+dimension, weight / bias are (N,). (The op flattens outside the Function: an output that is a
+view made inside a custom Function could not be modified in place.)
 
 * ``triton`` (``kernels/norm.py``): CUDA tensors; CPU tensors only under
   ``TRITON_INTERPRET=1`` (tests). float16 / bfloat16 / float32.
@@ -33,6 +35,8 @@ A backend named explicitly never falls back: ``supports`` returns the reason (dt
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -66,13 +70,33 @@ def _dtype_reason(x, allowed) -> str | None:
     return None
 
 
+def selection_key(x, weight, bias) -> tuple:
+    """``registry.select``'s cache key for these inputs: what the backends' ``supports`` /
+    ``available`` answers depend on (dtypes; GPU_AUTO; whether the extension is built, and
+    while it is not, whether ``auto`` may build it). The device type is part of the slot."""
+    ext = sys.modules.get("turbolm.ext")  # not imported yet: nothing built or loaded by us
+    built = ext.is_built() if ext is not None else None
+    return (
+        x.dtype,
+        None if weight is None else weight.dtype,
+        None if bias is None else bias.dtype,
+        GPU_AUTO,
+        built if built else (built, ext_support.cpu_compile_allowed()),
+    )
+
+
 # ---- triton -------------------------------------------------------------------------------
+
+_KN = None
 
 
 def _kn():
-    from turbolm.kernels import norm as kn  # imported on first use (after TRITON_INTERPRET)
+    global _KN
+    if _KN is None:
+        from turbolm.kernels import norm as kn  # imported on first use (after TRITON_INTERPRET)
 
-    return kn
+        _KN = kn
+    return _KN
 
 
 def triton_interpreting() -> bool:
@@ -139,10 +163,33 @@ def _triton_rms_bwd(grad_out, x, weight, rstd, *, eps):
 # ---- C++ / CUDA extension --------------------------------------------------------------------
 
 
-def _ext():
-    from turbolm import ext  # imported on first use: `python -m turbolm.ext` stays clean
+_EXT = None
+_EXT_OPS: dict = {}  # op name -> torch.ops.turbolm.<name>.default, once the extension has it
 
-    return ext
+
+def _ext():
+    global _EXT
+    if _EXT is None:
+        from turbolm import ext  # imported on first use: `python -m turbolm.ext` stays clean
+
+        _EXT = ext
+    return _EXT
+
+
+def _reraise(exc: BaseException):
+    raise exc
+
+
+def _ext_call(name: str, *args):
+    """``torch.ops.turbolm.<name>(*args)``; its tagged C++ errors become turbolm.errors
+    (through ``ext.call``, which builds / loads the extension on first use)."""
+    op = _EXT_OPS.get(name)
+    if op is None:
+        op = _EXT_OPS[name] = getattr(_ext().ops(), name).default
+    try:
+        return op(*args)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        return _ext().call(_reraise, exc)  # raises exc, typed when the C++ code tagged it
 
 
 def _ext_reason(auto: bool, compile_ok: bool) -> str | None:
@@ -183,26 +230,22 @@ def _cuda_supports(x, weight=None, bias=None, auto=False, **_) -> str | None:
 
 
 def _ext_ln_fwd(x, weight, bias, *, eps):
-    ext = _ext()
-    y, mean, rstd = ext.call(ext.ops().layer_norm_fwd, x, weight, bias, eps)
+    y, mean, rstd = _ext_call("layer_norm_fwd", x, weight, bias, eps)
     return y, x, weight, bias, mean, rstd
 
 
 def _ext_ln_bwd(dy, x, weight, bias, mean, rstd, *, eps):
-    ext = _ext()
-    dx, dw, db = ext.call(ext.ops().layer_norm_bwd, dy, x, weight, mean, rstd, bias is not None)
+    dx, dw, db = _ext_call("layer_norm_bwd", dy, x, weight, mean, rstd, bias is not None)
     return dx, dw if weight is not None else None, db if bias is not None else None
 
 
 def _ext_rms_fwd(x, weight, *, eps):
-    ext = _ext()
-    y, rstd = ext.call(ext.ops().rms_norm_fwd, x, weight, eps)
+    y, rstd = _ext_call("rms_norm_fwd", x, weight, eps)
     return y, x, weight, rstd
 
 
 def _ext_rms_bwd(dy, x, weight, rstd, *, eps):
-    ext = _ext()
-    dx, dw = ext.call(ext.ops().rms_norm_bwd, dy, x, weight, rstd)
+    dx, dw = _ext_call("rms_norm_bwd", dy, x, weight, rstd)
     return dx, dw if weight is not None else None
 
 

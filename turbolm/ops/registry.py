@@ -14,6 +14,15 @@ innermost ``use_backend(...)`` context, the ``TURBOLM_BACKEND`` environment vari
 :data:`AUTO_ORDER` for the inputs' device and takes the first registered backend whose
 ``supports`` accepts the inputs. A backend chosen by name never falls back: if it cannot run,
 :class:`~turbolm.errors.BackendError` says why.
+
+Selection runs on every op call, so it is cheap: the ``TURBOLM_BACKEND`` value is parsed once
+per distinct value, and an op that passes ``select(..., cache_key=...)`` gets its successful
+selections cached per (op, device type, requested name, cache_key). The op chooses
+``cache_key`` so that it determines what ``available()`` / ``supports()`` answer for those
+inputs (e.g. dtypes, plus any state they read, such as whether the extension is built).
+Failures are never cached (each call re-raises with the current reason), the cache is cleared
+whenever a backend is registered, and a cached backend is used only while it is still the one
+registered under its name.
 """
 
 from __future__ import annotations
@@ -65,6 +74,12 @@ class Backend:
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
+# Successful selections of ops that pass a cache_key:
+# (op, device type, name, key) -> (the op's backend table then, Backend).
+_SELECTED: dict[tuple, tuple[dict[str, Backend], Backend]] = {}
+_SELECTED_MAX = 4096  # cleared when full (keys are op-chosen; a runaway key must not leak)
+_ENV_SPEC: tuple[str, dict[str, str]] = ("", {})  # last parsed TURBOLM_BACKEND value
+_NO_KEY = object()
 _CONTEXT: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "turbolm_backend", default=None
 )
@@ -87,7 +102,13 @@ def register(
         raise ValueError("register either fn=... or both fwd=... and bwd=...")
     backend = Backend(op, name, fn, fwd, bwd, supports, available or (lambda: None))
     _REGISTRY.setdefault(op, {})[name] = backend
+    clear_selection_cache()  # an earlier `auto` choice may now have a better candidate
     return backend
+
+
+def clear_selection_cache() -> None:
+    """Forget every cached selection (see the module docstring)."""
+    _SELECTED.clear()
 
 
 def registered(op: str) -> dict[str, Backend]:
@@ -141,21 +162,50 @@ def requested_backend(op: str, explicit: str | None = None) -> tuple[str, str]:
         name = context.get(op, context.get("*"))
         if name is not None:
             return name, "use_backend(...)"
-    env = os.environ.get("TURBOLM_BACKEND", "").strip()
+    global _ENV_SPEC
+    env = os.environ.get("TURBOLM_BACKEND")
     if env:
-        mapping = _parse_spec(env, "TURBOLM_BACKEND")
+        if env == _ENV_SPEC[0]:
+            mapping = _ENV_SPEC[1]
+        else:  # parsed once per distinct value; an invalid value raises on every call
+            mapping = _parse_spec(env.strip(), "TURBOLM_BACKEND")
+            _ENV_SPEC = (env, mapping)
         name = mapping.get(op, mapping.get("*"))
         if name is not None:
             return name, "TURBOLM_BACKEND"
     return "auto", "default"
 
 
-def select(op: str, device_type: str, explicit: str | None = None, **inputs) -> Backend:
-    """Choose the backend that runs ``op`` on ``inputs`` (see module docstring)."""
+def select(
+    op: str, device_type: str, explicit: str | None = None, *, cache_key=_NO_KEY, **inputs
+) -> Backend:
+    """Choose the backend that runs ``op`` on ``inputs`` (see module docstring).
+
+    ``cache_key``: a hashable value that, with ``op``, ``device_type`` and the requested
+    backend name, determines whether each backend supports ``inputs``; successful selections
+    are then cached under it (see the module docstring). Without it nothing is cached.
+    """
     backends = _REGISTRY.get(op)
     if not backends:
         raise BackendError(f"no backend is registered for op {op!r}")
     name, source = requested_backend(op, explicit)
+    if cache_key is _NO_KEY:
+        return _select(op, device_type, name, source, backends, inputs)
+    slot = (op, device_type, name, cache_key)
+    hit = _SELECTED.get(slot)
+    # Valid while the op's table and the chosen entry are the ones it was selected from.
+    if hit is not None and hit[0] is backends and backends.get(hit[1].name) is hit[1]:
+        return hit[1]
+    backend = _select(op, device_type, name, source, backends, inputs)
+    if len(_SELECTED) >= _SELECTED_MAX:
+        _SELECTED.clear()
+    _SELECTED[slot] = (backends, backend)
+    return backend
+
+
+def _select(
+    op: str, device_type: str, name: str, source: str, backends: dict[str, Backend], inputs: dict
+) -> Backend:
     if name == "auto":
         reasons = []
         for candidate in AUTO_ORDER.get(device_type, ("torch", "reference")):
