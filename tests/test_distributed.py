@@ -498,6 +498,54 @@ def test_single_process_training_never_imports_deepspeed(prepared, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+# The runtime's collectives on 2 gloo ranks (no DeepSpeed), every tensor they hand to
+# torch.distributed recorded: when a collective of the runtime returns, its tensors must be ours
+# alone again (use count 1). A gloo worker thread drops its references after the caller resumed,
+# which takes the GIL: a rank that exited meanwhile died with "terminate called without an
+# active exception" (SIGABRT) although its run had finished.
+SETTLE_CHECK = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from turbolm.train.distributed import DeepSpeedRuntime, launch_env
+
+    dist.init_process_group("gloo")
+    seen = []
+    for name in ("broadcast", "all_reduce", "all_gather"):
+        def spy(*args, _collective=getattr(dist, name), **kwargs):
+            for a in args:
+                seen.extend(a if isinstance(a, list) else [a])
+            return _collective(*args, **kwargs)
+        setattr(dist, name, spy)
+    rt = DeepSpeedRuntime(launch_env(), {}, torch.device("cpu"))
+    rank, held = rt.rank, 0
+    for i in range(100):
+        obj = {"step": i, "path": "x" * i}
+        assert rt.broadcast(obj if rank == 0 else None) == obj
+        held += sum(t._use_count() > 1 for t in seen)
+        mine = ("rng", rank, "y" * (i * rank))
+        assert rt.all_gather(mine) == [("rng", r, "y" * (i * r)) for r in range(2)]
+        held += sum(t._use_count() > 1 for t in seen)
+        assert rt.all_sum([1.5, float(rank + i)]) == [3.0, float(1 + 2 * i)]
+        held += sum(t._use_count() > 1 for t in seen)
+        seen.clear()
+    rt.finish_job()
+    print(f"rank {rank}: {held} tensors still held by gloo when a collective returned")
+    sys.exit(held > 0)
+    """
+)
+
+
+def test_runtime_collectives_return_once_gloo_let_go_of_their_tensors(tmp_path):
+    (tmp_path / "check.py").write_text(SETTLE_CHECK)
+    done = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port()),
+         str(tmp_path / "check.py")],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.count(": 0 tensors still held") == 2, done.stdout
+
+
 # --------------------------------------------------------------------------------- bad input
 
 

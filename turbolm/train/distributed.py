@@ -23,7 +23,10 @@ The trainer (``turbolm/train/trainer.py``) stays one loop; this module holds wha
   a ``"scheduler"`` block in the JSON is refused (one schedule, one place to set it).
 * **Collectives** used by the trainer: averaged train loss, evaluation sums and counts, the
   "stop now" flag after SIGINT/SIGTERM, broadcasts of rank 0's decisions (run folder, resume
-  point) with errors re-raised on every rank.
+  point) with errors re-raised on every rank. On gloo each of them returns only once the gloo
+  worker thread has let go of its buffers, and a job that ran to completion ends with a barrier
+  (``DeepSpeedRuntime.finish_job``), so that no rank enters interpreter shutdown while a gloo
+  thread still has to take the GIL.
 * **Checkpoints** (``DeepSpeedRuntime.save`` / ``load``): ``engine.save_checkpoint`` into a
   hidden temporary folder, every rank fsyncs, barrier, then rank 0 writes ``config.json``,
   ``tokenizer.json``, ``trainer_state.pt`` (data position, every rank's RNG state, early
@@ -63,6 +66,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -231,6 +235,15 @@ def _init_elastic_process_group(backend: str | None, rank: int, world_size: int)
         world_size=world_size,
         timeout=timeout,
     )
+
+
+def _pickled(obj: Any, device: torch.device) -> torch.Tensor:
+    """``obj`` pickled into a uint8 tensor on ``device`` (for the object collectives)."""
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+
+
+def _unpickled(t: torch.Tensor) -> Any:
+    return pickle.loads(t.cpu().numpy().tobytes())
 
 
 def _free_port() -> int:
@@ -491,6 +504,7 @@ class DeepSpeedRuntime:
         self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.engine = None
         self._universal = False  # resuming a ZeRO-1/2 checkpoint written by another world size
+        self._settle: bool | None = None  # wait for gloo to release buffers (see _settled)
 
     # ------------------------------------------------------------------ process group
 
@@ -525,23 +539,79 @@ class DeepSpeedRuntime:
                 f"environment says {self.world_size}"
             )
 
+    def finish_job(self) -> None:
+        """Orderly end of a job that ran to completion: every rank calls it last.
+
+        Why: torch hands a collective to a gloo worker thread, which drops its references to
+        the tensors after the collective completed (the caller may already be running on), and
+        dropping a reference to a tensor that has a Python object takes the GIL
+        (``TensorImpl::decref_pyobject``). The process groups are never destroyed (DeepSpeed
+        keeps references to them, so ``destroy_process_group`` would not join the threads
+        either), and a thread that asks for the GIL once the interpreter has begun to finalize
+        is ended with ``pthread_exit``, whose unwinding through that ``noexcept`` destructor
+        calls ``std::terminate``: "terminate called without an active exception", SIGABRT
+        from a rank whose run had finished, now and then, when a rank left right after its
+        last collective. Hence: every collective of this runtime returns only once gloo has
+        let go of its buffers (``_settled``), and the job ends with this barrier (no tensors),
+        during which the GIL is free for any gloo thread still releasing an earlier one
+        (DeepSpeed's); no rank leaves while another is still inside a collective.
+        """
+        self.barrier()
+
     def barrier(self) -> None:
         torch.distributed.barrier()
 
+    def _settled(self, *tensors: torch.Tensor) -> None:
+        """Wait until the gloo worker thread has dropped its references to ``tensors`` (ours
+        is then the only one left), sleeping so that it can take the GIL (see ``finish_job``).
+        Typically 0-1 polls of 0.1 ms; should another reference ever linger, stop waiting for
+        good. Not with NCCL, whose watchdog thread releases finished work up to ~0.1 s later."""
+        if self._settle is None:
+            self._settle = torch.distributed.get_backend() == "gloo" and hasattr(
+                torch.Tensor, "_use_count"
+            )
+        if not self._settle:
+            return
+        deadline = time.monotonic() + 0.5
+        while any(t._use_count() > 1 for t in tensors):
+            if time.monotonic() > deadline:
+                self._settle = False
+                return
+            time.sleep(1e-4)
+
     def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
+        """Rank 0's ``obj`` on every rank (pickled; our own buffers, see ``_settled``)."""
+        dev = self._comm_device()
+        data = _pickled(obj, dev) if self.is_main else None
+        size = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64, device=dev)
+        torch.distributed.broadcast(size, src=0)
+        self._settled(size)
+        if data is None:
+            data = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+        torch.distributed.broadcast(data, src=0)
+        self._settled(data)
+        return obj if self.is_main else _unpickled(data)
 
     def all_gather(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
+        """Every rank's ``obj``, in rank order (pickled; our own buffers, see ``_settled``)."""
+        dev = self._comm_device()
+        data = _pickled(obj, dev)
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=dev)
+        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
+        torch.distributed.all_gather(sizes, size)
+        self._settled(size, *sizes)
+        lengths = [int(n.item()) for n in sizes]
+        padded = torch.zeros(max(lengths), dtype=torch.uint8, device=dev)  # same size on all
+        padded[: data.numel()] = data
+        out = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(out, padded)
+        self._settled(padded, *out)
+        return [_unpickled(t[:n]) for t, n in zip(out, lengths)]
 
     def all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
         torch.distributed.all_reduce(t)
+        self._settled(t)
         return t.tolist()
 
     def _comm_device(self) -> torch.device:

@@ -514,7 +514,10 @@ class Trainer:
                         {"run": config_to_dict(self.cfg), "model": self.model_kwargs}, indent=2
                     )
                 )
-            return self._loop(signals)
+            result = self._loop(signals)
+        if self.rt is not None:
+            self.rt.finish_job()  # every rank got here: leave together (see finish_job)
+        return result
 
     def _open_tensorboard(self):
         if not self.tc.tensorboard or not self.is_main:
