@@ -1,4 +1,5 @@
-"""The LayerNorm / RMSNorm and RNN gate Triton kernels compile for real GPUs (no GPU needed).
+"""The LayerNorm / RMSNorm, RNN gate and attention Triton kernels compile for real GPUs (no GPU
+needed).
 
 The interpreter (``TRITON_INTERPRET=1``, how the other tests run these kernels on CPU) accepts
 code the real compiler rejects, so here every kernel is compiled to a cubin for sm_90 (H100 /
@@ -6,7 +7,8 @@ H200) and sm_80 (A100) with Triton's own compiler and ptxas, as the JIT would on
 
 What is compiled is what the launchers launch: this file runs as a script in a subprocess
 (``TRITON_INTERPRET=0``, so the modules pick their GPU tile sizes) that calls the public
-launchers of ``kernels/norm.py`` and ``kernels/rnn.py`` on ``meta`` tensors (shapes and
+launchers of ``kernels/norm.py``, ``kernels/rnn.py`` and ``kernels/attention.py`` (each tile
+candidate of its autotuner forced in turn) on ``meta`` tensors (shapes and
 dtypes, no memory), with each ``@triton.jit`` kernel replaced by a recorder, and the SM count
 of the target GPU. Every recorded launch is then bound with Triton's own argument binder (the
 one ``JITFunction.run`` uses: the same constexprs, the same integer / alignment
@@ -51,6 +53,7 @@ NORM_KERNELS = {
     "_sum_partials_kernel",
 }
 RNN_KERNELS = {"_fwd_step_kernel", "_bwd_step_kernel"}
+ATTN_KERNELS = {"_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
 
 
 # ---- the subprocess: record the launches, compile them ------------------------------------------
@@ -115,6 +118,30 @@ def _rnn_calls(case):
     )  # fmt: skip
 
 
+def _attn_calls(case):
+    """Run the attention launchers (forward and backward) of one case on meta tensors, with
+    tile candidate ``case["tile"]`` of every kernel's autotuning list forced."""
+    import torch
+    from turbolm.kernels import attention as K
+
+    dt, d, group = getattr(torch, case["dtype"]), case["d"], case["group"]
+    block_d = K.triton.next_power_of_2(d)
+    K.FORCE_CONFIG.clear()
+    for kind in ("fwd", "dkdv", "dq"):
+        tiles = K.tile_configs(kind, block_d, dt == torch.float32)
+        K.FORCE_CONFIG[kind] = tiles[min(case["tile"], len(tiles) - 1)]
+    hkv, seq = 2, 1000
+
+    def t(heads):
+        return torch.empty(2, heads, seq, d, dtype=dt, device="meta")
+
+    q, k, v = t(hkv * group), t(hkv), t(hkv)
+    opts = {"causal": case["causal"], "window": case["window"], "dropout_p": case["dropout"]}
+    out, lse = K.attention_fwd(q, k, v, **opts)
+    K.attention_bwd(torch.empty_like(out), q, k, v, out, lse, **opts)
+    K.FORCE_CONFIG.clear()
+
+
 class _Recorder:
     """Stands in for a @triton.jit kernel in its module: ``kernel[grid](*args, **kwargs)``
     records the launch instead of running it."""
@@ -139,12 +166,18 @@ def _main(cases):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
-    from turbolm.kernels import norm, rnn
+    from turbolm.kernels import attention, norm, rnn
 
     assert not norm.INTERPRET and not rnn.INTERPRET, "TRITON_INTERPRET must be 0"
+    assert not attention.INTERPRET, "TRITON_INTERPRET must be 0"
     calls = []
     _install_recorders(norm, NORM_KERNELS, calls)
     _install_recorders(rnn, RNN_KERNELS, calls)
+    _install_recorders(attention, ATTN_KERNELS, calls)
+    # The attention launcher looks its kernels up in this table.
+    attention._KERNELS.update(
+        fwd=attention._fwd_kernel, dkdv=attention._bwd_dkdv_kernel, dq=attention._bwd_dq_kernel
+    )
     results, failures, seen, binders = [], [], set(), {}
     for case in cases:
         arch = case["arch"]
@@ -153,6 +186,8 @@ def _main(cases):
         del calls[:]
         if case["family"] == "norm":
             _norm_calls(case, SM_COUNT[arch])
+        elif case["family"] == "attention":
+            _attn_calls(case)
         else:
             _rnn_calls(case)
         for fn, grid, args, kwargs in calls:
@@ -291,6 +326,16 @@ def _rnn_cases(arch, dtypes, hiddens, wide=True):
     return cases
 
 
+def _attn_cases(arch, dtype, d, tiles, variants=((True, None, 1, 0.0),)):
+    """Attention cases: (causal, window, GQA group, dropout) variants x forced tile candidates."""
+    return [
+        {"family": "attention", "arch": arch, "dtype": dtype, "d": d, "tile": tile,
+         "causal": causal, "window": window, "group": group, "dropout": dropout}
+        for tile in tiles
+        for causal, window, group, dropout in variants
+    ]  # fmt: skip
+
+
 def _covered(results, kernel, name):
     return {r["constexprs"].get(name) for r in results if r["kernel"] == kernel}
 
@@ -329,6 +374,26 @@ def test_kernels_compile_for_sm90_and_sm80():
     cases += _rnn_cases(90, ["float32"], [1, 33], wide=False)
     cases += _rnn_cases(80, ["float32"], [256], wide=False)
     _check_coverage(_compile(cases), [80, 90])
+
+
+def test_attention_kernels_compile_for_sm90():
+    """The attention forward and backward kernels with every tile candidate of the head-dim
+    128 bf16 lists (the ones the H200 benchmark autotunes over), the first candidate of the
+    other head dims and of fp32, and the causal / window / GQA / dropout variants."""
+    cases = _attn_cases(90, "bfloat16", 128, range(5))
+    cases += _attn_cases(
+        90, "bfloat16", 128, [0], [(False, None, 4, 0.0), (False, (64, 0), 1, 0.1)]
+    )
+    for d in (64, 80, 256):
+        cases += _attn_cases(90, "bfloat16", d, [0])
+    cases += _attn_cases(90, "float32", 128, [0])
+    results = _compile(cases)
+    assert {r["kernel"] for r in results} == ATTN_KERNELS
+    fwd = [r for r in results if r["kernel"] == "_fwd_kernel"]
+    tiles = {(r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"], r["num_warps"]) for r in fwd}
+    assert len(tiles) >= 5, tiles  # every d128 candidate compiled, not one of them five times
+    for name in ("HAS_LEFT", "DROPOUT"):
+        assert _covered(results, "_fwd_kernel", name) == {False, True}, name
 
 
 @pytest.mark.slow
