@@ -217,6 +217,31 @@ def _turbolm_provider(backend: str) -> Provider:
     return Provider(f"turbolm_{backend}", why_not, make)
 
 
+def _triton_tma_provider() -> Provider:
+    """turbolm's Triton kernels with the forward reading K / V through tensor descriptors."""
+    plain = _turbolm_provider("triton")
+
+    def why_not(device, dtype, d):
+        reason = plain.why_not(device, dtype, d)
+        if reason is None and device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+            return "tensor descriptors need sm_90 or newer"
+        return reason
+
+    def make(q, k, v, causal):
+        from turbolm.kernels import attention as kernels
+
+        def fn(q, k, v):
+            old, kernels.TMA = kernels.TMA, True
+            try:
+                return attention(q, k, v, causal=causal, backend="triton")
+            finally:
+                kernels.TMA = old
+
+        return (q, k, v), fn, lambda out: out
+
+    return Provider("turbolm_triton_tma", why_not, make)
+
+
 def _flash_attn_provider() -> Provider:
     def why_not(device, dtype, d):
         try:
@@ -275,6 +300,7 @@ def _compile_provider() -> Provider:
 def all_providers() -> dict[str, Provider]:
     providers = [
         _turbolm_provider("triton"),
+        _triton_tma_provider(),
         _turbolm_provider("torch"),
         _turbolm_provider("reference"),
         *(_sdpa_provider(b) for b in SDPA_BACKENDS),
@@ -361,7 +387,7 @@ def measure(provider, mode, batch, heads, seqlen, d, causal, dtype, device, args
         row["time_ms"] = time_ms(step, device, args.warmup, args.rep, run_grads)
         flops = attention_flops(batch, heads, seqlen, seqlen, d, causal, mode)
         row["tflops"] = flops / (row["time_ms"] * 1e-3) / 1e12
-        if provider.name == "turbolm_triton":
+        if provider.name.startswith("turbolm_triton"):
             row["config"] = _triton_configs()
     except torch.cuda.OutOfMemoryError:
         row["status"] = "oom"

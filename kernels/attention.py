@@ -79,6 +79,10 @@ INTERPRET = _env_flag("TRITON_INTERPRET")
 POISON = False
 # Tile of the delta preprocessing kernel (rows per program).
 PRE_BLOCK_M = 16 if INTERPRET else 64
+# The forward reads K / V tiles through device-side tensor descriptors (TMA, sm_90+) when the
+# tensors allow it. Off by default until the H200 benchmark shows it wins
+# (``TURBOLM_ATTN_TMA=1`` or this flag; bench_attention's ``turbolm_triton_tma`` provider).
+TMA = _env_flag("TURBOLM_ATTN_TMA")
 
 
 # ---- jit helpers ----------------------------------------------------------------------------
@@ -196,6 +200,8 @@ def _fwd_inner(
     q,  # [BLOCK_M, BLOCK_D] queries of this program
     kT_ptrs,  # [BLOCK_D, BLOCK_N] pointers to K^T of key block 0
     v_ptrs,  # [BLOCK_N, BLOCK_D] pointers to V of key block 0
+    k_desc,  # USE_TMA: tensor descriptor of this head's K, [Tk, HEAD_D] (else unused)
+    v_desc,  # USE_TMA: likewise for V
     stride_kt,
     stride_vt,
     rows,  # [BLOCK_M] query index within the sequence
@@ -220,12 +226,16 @@ def _fwd_inner(
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no head-dim padding to mask
+    USE_TMA: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         # The unmasked blocks lie inside [0, Tk): their loads need no key-bound mask (and none
-        # at all without head-dim padding), which keeps the pipelined loads simple.
-        if MASKED:
+        # at all without head-dim padding), which keeps the pipelined loads simple. A tensor
+        # descriptor's copy engine fills rows >= Tk and columns >= HEAD_D with zeros itself.
+        if USE_TMA:
+            kT = tl.trans(k_desc.load([start_n, 0]))
+        elif MASKED:
             kT = tl.load(
                 kT_ptrs + start_n * stride_kt, mask=d_ok[:, None] & (cols[None, :] < Tk), other=0.0
             )
@@ -249,7 +259,9 @@ def _fwd_inner(
         if DROPOUT:
             keep = _keep(seed, rng_rows[:, None], cols[None, :], RNG_COLS, drop_p)
             p = tl.where(keep, p, 0.0)
-        if MASKED:
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])
+        elif MASKED:
             v = tl.load(
                 v_ptrs + start_n * stride_vt, mask=(cols[:, None] < Tk) & d_ok[None, :], other=0.0
             )
@@ -306,6 +318,7 @@ def _fwd_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     # Grid (batch * heads, query blocks), the last query blocks first: under a causal mask they
     # see the most keys, so the longest programs start first and the short ones fill the tail.
@@ -346,6 +359,16 @@ def _fwd_kernel(
         )
         kT_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None]
         v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if USE_TMA:  # the launcher checked the 16-byte alignment of the bases and row strides
+            k_desc = tl.make_tensor_descriptor(
+                k_base, shape=[Tk, HEAD_D], strides=[stride_kt, 1], block_shape=[BLOCK_N, BLOCK_D]
+            )
+            v_desc = tl.make_tensor_descriptor(
+                v_base, shape=[Tk, HEAD_D], strides=[stride_vt, 1], block_shape=[BLOCK_N, BLOCK_D]
+            )
+        else:
+            k_desc = kT_ptrs
+            v_desc = v_ptrs
         rng_rows = rng_row0 + rows
         qk_scale = sm_scale * 1.4426950408889634
 
@@ -357,25 +380,28 @@ def _fwd_kernel(
         )
         # left window edge (masked), fully visible blocks, causal / right edge + tail (masked)
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n, d_ok,
+            acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_desc, v_desc, stride_kt, stride_vt, rows, offs_n,
+            d_ok,
             Tq, Tk, LEFT, RIGHT, qk_scale, drop_p, seed, rng_rows, SEQ_K,
             lo, tl.minimum(full_lo, hi),
             True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_FP32, PRECISION, BLOCK_N,
-            HEAD_D == BLOCK_D,
+            HEAD_D == BLOCK_D, USE_TMA,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n, d_ok,
+            acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_desc, v_desc, stride_kt, stride_vt, rows, offs_n,
+            d_ok,
             Tq, Tk, LEFT, RIGHT, qk_scale, drop_p, seed, rng_rows, SEQ_K,
             full_lo, full_hi,
             False, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_FP32, PRECISION, BLOCK_N,
-            HEAD_D == BLOCK_D,
+            HEAD_D == BLOCK_D, USE_TMA,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n, d_ok,
+            acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_desc, v_desc, stride_kt, stride_vt, rows, offs_n,
+            d_ok,
             Tq, Tk, LEFT, RIGHT, qk_scale, drop_p, seed, rng_rows, SEQ_K,
             full_hi, hi,
             True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_FP32, PRECISION, BLOCK_N,
-            HEAD_D == BLOCK_D,
+            HEAD_D == BLOCK_D, USE_TMA,
         )  # fmt: skip
 
         has_key = l_i > 0.0
@@ -859,7 +885,9 @@ def _dropout_mask_kernel(
 
 # ---- tile configurations --------------------------------------------------------------------
 
-_TUNE_KEY = ["TUNE_Q", "TUNE_K", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "DROPOUT", "IS_VARLEN"]
+_TUNE_KEY = [
+    "TUNE_Q", "TUNE_K", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "DROPOUT", "IS_VARLEN", "USE_TMA",
+]  # fmt: skip
 # The interpreter: one small tile (a few programs per test case; tl.dot needs >= 16).
 _INTERP_CONFIG = (16, 16, 1, 1)
 
@@ -975,6 +1003,42 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _tma_allowed(*tensors: torch.Tensor, layout: str) -> bool:
+    """May the forward read these K / V tensors through tensor descriptors (the copy engine)?
+    Needs ``TMA`` on, a Hopper-or-newer GPU (or the interpreter), and 16-byte aligned bases
+    and batch / head / token strides (the descriptor of every head starts at such a base)."""
+    if not TMA:
+        return False
+    for t in tensors:
+        if not INTERPRET and (not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9):
+            return False
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(s * size % 16 for s in _strides(t, layout)):
+            return False
+    return True
+
+
+def _torch_workspace(size: int, alignment: int, stream) -> torch.Tensor:
+    # Global scratch where the kernels write their tensor descriptors (128 bytes each).
+    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
+
+
+def _ensure_allocator() -> None:
+    """Triton writes device-side tensor descriptors into memory from ``triton.set_allocator``;
+    its setting is per thread context (autograd runs the backward in its own threads), so
+    set ours wherever none is set, and leave a caller's own allocator alone."""
+    if INTERPRET:
+        return
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # a Triton without this internal: just set ours
+        pass
+    triton.set_allocator(_torch_workspace)
+
+
 def _seed_arg(seed: int | None) -> int:
     # A 31-bit value keeps the kernel signature fixed (i32) whatever the user passes.
     return 0 if seed is None else int(seed) & 0x7FFFFFFF
@@ -1069,6 +1133,9 @@ def attention_fwd(
         _bucket(geo.max_q), _bucket(geo.max_k),
     )  # fmt: skip
     flags = {"HAS_LEFT": left >= 0, "HAS_RIGHT": right >= 0, "DROPOUT": dropout_p > 0.0}
+    if _tma_allowed(k, v, layout=layout):
+        _ensure_allocator()
+        flags["USE_TMA"] = True
     grid = lambda bm, bn: (geo.batch * geo.hq, triton.cdiv(geo.max_q, bm))  # noqa: E731
     _launch("fwd", geo.block_d, q.dtype, grid, args, {**flags, **geo.common(q.dtype)})
     return out, lse

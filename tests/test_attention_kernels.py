@@ -114,6 +114,45 @@ def test_dtypes_and_head_dims(dtype, d):
     check_backend(kernel_case(17, 40, 2, 1, d, causal=True), "triton", dtype, DEVICE)
 
 
+TMA_CASES = {
+    "bhsd-d64-causal-tail": lambda: kernel_case(40, 77, 4, 2, 64, True, batch=2),
+    "bshd-packed-window": lambda: kernel_case(
+        33, 33, 4, 1, 64, True, window=(9, 0), layout="bshd", packed=True
+    ),
+    "varlen-d80-gqa": lambda: varlen_case([1, 5, 40], [3, 5, 61], 4, 2, 80, causal=True),
+}
+
+
+@pytest.mark.parametrize("name", list(TMA_CASES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tma_forward(name, dtype, _kernels, monkeypatch):
+    """The forward reading K / V through tensor descriptors (zero fill past Tk and HEAD_D)
+    matches the reference; the launcher really took that path."""
+    monkeypatch.setattr(_kernels, "TMA", True)
+    taken = []
+    allowed = _kernels._tma_allowed
+    monkeypatch.setattr(
+        _kernels,
+        "_tma_allowed",
+        lambda *t, layout: taken.append(allowed(*t, layout=layout)) or taken[-1],
+    )
+    check_backend(TMA_CASES[name](), "triton", dtype, DEVICE)
+    assert taken and all(taken)
+
+
+def test_tma_refused_for_unaligned_rows(_kernels, monkeypatch):
+    """Rows whose stride is not a multiple of 16 bytes (head dim 7, fp16) take the pointer path."""
+    monkeypatch.setattr(_kernels, "TMA", True)
+    k = torch.zeros(1, 2, 5, 7, dtype=torch.float16, device=DEVICE)
+    assert not _kernels._tma_allowed(k, k, layout="bhsd")
+    k = torch.zeros(1, 2, 5, 8, dtype=torch.float16, device=DEVICE)
+    assert _kernels._tma_allowed(k, k, layout="bhsd") == (INTERPRET or _sm90())
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 @pytest.mark.parametrize("heads", list(HEADS), ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_mha_gqa_mqa(causal, heads):
@@ -517,6 +556,20 @@ def test_gpu_every_tile_config(gpu, _kernels, monkeypatch, d):
 
 
 @pytest.mark.gpu
+def test_gpu_tma_forward(gpu, _kernels, monkeypatch):
+    """The tensor-descriptor forward on the GPU: every d128 bf16 tile candidate, then the
+    padded-head-dim varlen and the strided bshd window cases."""
+    monkeypatch.setattr(_kernels, "TMA", True)
+    case = kernel_case(1000, 1000, 4, 2, 128, True, batch=2)
+    for fwd in _kernels.tile_configs("fwd", 128, False):
+        monkeypatch.setattr(_kernels, "FORCE_CONFIG", {"fwd": fwd})
+        check_backend(case, "triton", torch.bfloat16, "cuda")
+    monkeypatch.setattr(_kernels, "FORCE_CONFIG", {})
+    for name in ("varlen-d80-gqa", "bshd-packed-window"):
+        check_backend(TMA_CASES[name](), "triton", torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
 def test_gpu_autotuned(gpu, monkeypatch):
     """The autotuner path (several candidates benchmarked on the GPU), then a cached pick."""
     monkeypatch.delenv("TURBOLM_AUTOTUNE")
@@ -567,7 +620,10 @@ for case in json.loads(sys.argv[1]):
     for kind in ("fwd", "dkdv", "dq"):
         configs = K.tile_configs(kind, block_d, dtype == "fp32")
         for bm, bn, w, s in configs if all_configs else configs[:1]:
-            c = compile_one(K._KERNELS[kind], dtype, {**flags, "BLOCK_M": bm, "BLOCK_N": bn}, arch, w, s)
+            consts = {**flags, "BLOCK_M": bm, "BLOCK_N": bn}
+            if "USE_TMA" in K._KERNELS[kind].arg_names:
+                consts["USE_TMA"] = case.get("tma", False)
+            c = compile_one(K._KERNELS[kind], dtype, consts, arch, w, s)
             results.append([kind, dtype, d, arch, [bm, bn, w, s], c.metadata.shared])
     pre = {"HEAD_D": d, "BLOCK_D": block_d, "IS_VARLEN": case["varlen"], "BLOCK_M": K.PRE_BLOCK_M}
     c = compile_one(K._bwd_preprocess, dtype, pre, arch, 4, 1)
@@ -607,6 +663,19 @@ def test_kernels_compile_for_sm90():
     every feature on (left + right window, dropout, varlen, padded head dim)."""
     case = {"dtype": "bf16", "d": 80, "arch": 90, "left": True, "dropout": True, "varlen": True}
     results = _compile_for_gpu([{**case, "all_configs": False}])
+    assert {r[0] for r in results} == {"fwd", "dkdv", "dq", "preprocess"}
+
+
+def test_tma_forward_compiles_for_sm90():
+    """The forward with K / V read through tensor descriptors (``TMA``), the first d128 bf16 tile
+    candidate, and the padded / windowed / dropout / varlen variant."""
+    plain = {"dtype": "bf16", "d": 128, "arch": 90, "left": False, "dropout": False}
+    cases = [
+        {**plain, "varlen": False, "all_configs": False, "tma": True},
+        {**plain, "d": 80, "left": True, "dropout": True, "varlen": True, "all_configs": False,
+         "tma": True},
+    ]  # fmt: skip
+    results = _compile_for_gpu(cases)
     assert {r[0] for r in results} == {"fwd", "dkdv", "dq", "preprocess"}
 
 
