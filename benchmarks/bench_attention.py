@@ -218,7 +218,7 @@ def _turbolm_provider(backend: str) -> Provider:
 
 
 def _triton_tma_provider() -> Provider:
-    """turbolm's Triton kernels with the forward reading K / V through tensor descriptors."""
+    """turbolm's Triton kernels reading their streamed tiles through tensor descriptors."""
     plain = _turbolm_provider("triton")
 
     def why_not(device, dtype, d):

@@ -79,8 +79,8 @@ INTERPRET = _env_flag("TRITON_INTERPRET")
 POISON = False
 # Tile of the delta preprocessing kernel (rows per program).
 PRE_BLOCK_M = 16 if INTERPRET else 64
-# The forward reads K / V tiles through device-side tensor descriptors (TMA, sm_90+) when the
-# tensors allow it. Off by default until the H200 benchmark shows it wins
+# The kernels read the tiles they stream (forward: K / V; dK / dV: Q / dO) through
+# device-side tensor descriptors (TMA, sm_90+) when the tensors allow it. Off by default until the H200 benchmark shows it wins
 # (``TURBOLM_ATTN_TMA=1`` or this flag; bench_attention's ``turbolm_triton_tma`` provider).
 TMA = _env_flag("TURBOLM_ATTN_TMA")
 
@@ -477,6 +477,8 @@ def _dkdv_inner(
     v,  # [BLOCK_N, BLOCK_D]
     q_base,
     do_base,
+    q_desc,  # USE_TMA: tensor descriptor of this q head, [Tq, HEAD_D] (else unused)
+    do_desc,  # USE_TMA: likewise for dO
     lse_base,
     delta_base,
     stride_qt,
@@ -503,23 +505,38 @@ def _dkdv_inner(
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no head-dim padding to mask
+    USE_TMA: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         r_ok = rows < Tq
-        qT = tl.load(
-            q_base + rows[None, :] * stride_qt + offs_d[:, None],
-            mask=d_ok[:, None] & r_ok[None, :],
-            other=0.0,
-        )  # [BLOCK_D, BLOCK_M]
-        do = tl.load(
-            do_base + rows[:, None] * stride_dot + offs_d[None, :],
-            mask=r_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_D]
+        # Unmasked query blocks lie inside [0, Tq): no row mask (and no mask at all without
+        # head-dim padding). A tensor descriptor zero-fills rows >= Tq, columns >= HEAD_D.
+        if USE_TMA:
+            qT = tl.trans(q_desc.load([start_m, 0]))
+            do = do_desc.load([start_m, 0])
+        elif MASKED or not EVEN_D:
+            qT = tl.load(
+                q_base + rows[None, :] * stride_qt + offs_d[:, None],
+                mask=d_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )  # [BLOCK_D, BLOCK_M]
+            do = tl.load(
+                do_base + rows[:, None] * stride_dot + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )  # [BLOCK_M, BLOCK_D]
+        else:
+            qT = tl.load(q_base + rows[None, :] * stride_qt + offs_d[:, None])
+            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :])
         # rows past the end get lse = +inf, hence P = 0
-        lse = tl.load(lse_base + rows, mask=r_ok, other=float("inf"))
-        delta = tl.load(delta_base + rows, mask=r_ok, other=0.0)
+        if MASKED:
+            lse = tl.load(lse_base + rows, mask=r_ok, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=r_ok, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
         sT = _dot(k, qT, DOT_FP32, PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         pT = tl.math.exp2(sT - lse[None, :])
         if MASKED:
@@ -592,6 +609,7 @@ def _bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -639,6 +657,18 @@ def _bwd_dkdv_kernel(
             h64 = (hk * GROUP + g).to(tl.int64)
             q_base = Q + b64 * stride_qb + h64 * stride_qh + q064 * stride_qt
             do_base = DO + b64 * stride_dob + h64 * stride_doh + q064 * stride_dot
+            if USE_TMA:
+                q_desc = tl.make_tensor_descriptor(
+                    q_base, shape=[Tq, HEAD_D], strides=[stride_qt, 1],
+                    block_shape=[BLOCK_M, BLOCK_D],
+                )  # fmt: skip
+                do_desc = tl.make_tensor_descriptor(
+                    do_base, shape=[Tq, HEAD_D], strides=[stride_dot, 1],
+                    block_shape=[BLOCK_M, BLOCK_D],
+                )  # fmt: skip
+            else:
+                q_desc = q_base
+                do_desc = do_base
             lse_base = LSE + b64 * stride_lb + h64 * stride_lh + q0
             delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + q0
             if IS_VARLEN:
@@ -646,22 +676,28 @@ def _bwd_dkdv_kernel(
             else:
                 rng_row0 = (b64 * H_KV * GROUP + h64) * SEQ_Q
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_base, delta_base, stride_qt,
+                stride_dot,
                 cols, offs_m, offs_d, d_ok, Tq, Tk, LEFT, RIGHT, qk_scale, drop_p, seed,
                 rng_row0, SEQ_K, lo, tl.minimum(full_lo, hi),
                 True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_FP32, PRECISION, BLOCK_M,
+                HEAD_D == BLOCK_D, USE_TMA,
             )  # fmt: skip
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_base, delta_base, stride_qt,
+                stride_dot,
                 cols, offs_m, offs_d, d_ok, Tq, Tk, LEFT, RIGHT, qk_scale, drop_p, seed,
                 rng_row0, SEQ_K, full_lo, full_hi,
                 False, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_FP32, PRECISION, BLOCK_M,
+                HEAD_D == BLOCK_D, USE_TMA,
             )  # fmt: skip
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_base, delta_base, stride_qt,
+                stride_dot,
                 cols, offs_m, offs_d, d_ok, Tq, Tk, LEFT, RIGHT, qk_scale, drop_p, seed,
                 rng_row0, SEQ_K, full_hi, hi,
                 True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_FP32, PRECISION, BLOCK_M,
+                HEAD_D == BLOCK_D, USE_TMA,
             )  # fmt: skip
         dk = dk * sm_scale
         tl.store(
@@ -708,12 +744,19 @@ def _dq_inner(
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no head-dim padding to mask
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = d_ok[:, None] & (cols[None, :] < Tk)
-        kT = tl.load(kT_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
-        vT = tl.load(vT_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
+        # As in _dkdv_inner: unmasked key blocks lie inside [0, Tk). (No tensor-descriptor
+        # variant: Triton 3.6's ptxas crashes on this kernel with two transposed TMA tiles.)
+        if MASKED or not EVEN_D:
+            kv_mask = d_ok[:, None] & (cols[None, :] < Tk)
+            kT = tl.load(kT_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
+            vT = tl.load(vT_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
+        else:
+            kT = tl.load(kT_ptrs + start_n * stride_kt)
+            vT = tl.load(vT_ptrs + start_n * stride_vt)
         s = _dot(q, kT, DOT_FP32, PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -778,7 +821,8 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # The last query blocks first: under a causal mask they walk the most keys.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -840,18 +884,21 @@ def _bwd_dq_kernel(
             Tq, Tk, LEFT, RIGHT, qk_scale, drop_p, seed, rng_rows, SEQ_K,
             lo, tl.minimum(full_lo, hi),
             True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_FP32, PRECISION, BLOCK_N,
+            HEAD_D == BLOCK_D,
         )  # fmt: skip
         dq = _dq_inner(
             dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, rows, offs_n, d_ok,
             Tq, Tk, LEFT, RIGHT, qk_scale, drop_p, seed, rng_rows, SEQ_K,
             full_lo, full_hi,
             False, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_FP32, PRECISION, BLOCK_N,
+            HEAD_D == BLOCK_D,
         )  # fmt: skip
         dq = _dq_inner(
             dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, rows, offs_n, d_ok,
             Tq, Tk, LEFT, RIGHT, qk_scale, drop_p, seed, rng_rows, SEQ_K,
             full_hi, hi,
             True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_FP32, PRECISION, BLOCK_N,
+            HEAD_D == BLOCK_D,
         )  # fmt: skip
         dq = dq * sm_scale
         tl.store(
@@ -1004,10 +1051,15 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _tma_allowed(*tensors: torch.Tensor, layout: str) -> bool:
-    """May the forward read these K / V tensors through tensor descriptors (the copy engine)?
-    Needs ``TMA`` on, a Hopper-or-newer GPU (or the interpreter), and 16-byte aligned bases
-    and batch / head / token strides (the descriptor of every head starts at such a base)."""
+    """May the kernels read these tensors through tensor descriptors (the copy engine)?
+    Needs ``TMA`` on, a Hopper-or-newer GPU (or the interpreter), a head dim of 17..128, and
+    16-byte aligned bases and batch / head / token strides (the descriptor of every head starts
+    at such a base)."""
     if not TMA:
+        return False
+    # Head dims padded to 32..128 only: Triton 3.6's ptxas crashes compiling the d256 forward
+    # with descriptors (tests/test_attention_kernels.py compiles the allowed ones for sm_90).
+    if not 32 <= _block_d(tensors[0].shape[-1]) <= 128:
         return False
     for t in tensors:
         if not INTERPRET and (not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9):
@@ -1181,6 +1233,10 @@ def attention_bwd(
         HEAD_D=geo.d, BLOCK_D=geo.block_d, IS_VARLEN=geo.varlen, BLOCK_M=PRE_BLOCK_M,
     )  # fmt: skip
     flags = {"HAS_LEFT": left >= 0, "HAS_RIGHT": right >= 0, "DROPOUT": dropout_p > 0.0}
+    tma = {}  # the dK / dV kernel only (see _dq_inner)
+    if _tma_allowed(q, dout, layout=layout):
+        _ensure_allocator()
+        tma["USE_TMA"] = True
     scalars = (scale, max(left, 0), max(right, 0), float(dropout_p), _seed_arg(seed))
     tune = (_bucket(geo.max_q), _bucket(geo.max_k))
     if k.numel() > 0:
@@ -1191,7 +1247,7 @@ def attention_bwd(
             geo.cu_q, geo.cu_k, geo.seq_q, geo.seq_k, geo.hkv, geo.group, *scalars, *tune,
         )  # fmt: skip
         grid = lambda bm, bn: (triton.cdiv(geo.max_k, bn), geo.batch * geo.hkv)  # noqa: E731
-        _launch("dkdv", geo.block_d, q.dtype, grid, args, {**flags, **common})
+        _launch("dkdv", geo.block_d, q.dtype, grid, args, {**flags, **tma, **common})
     args = (
         q, k, v, dout, dq, lse, delta,
         *_strides(q, layout), *_strides(k, layout), *_strides(v, layout),

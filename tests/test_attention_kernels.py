@@ -125,9 +125,9 @@ TMA_CASES = {
 
 @pytest.mark.parametrize("name", list(TMA_CASES))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_tma_forward(name, dtype, _kernels, monkeypatch):
-    """The forward reading K / V through tensor descriptors (zero fill past Tk and HEAD_D)
-    matches the reference; the launcher really took that path."""
+def test_tma_forward_and_backward(name, dtype, _kernels, monkeypatch):
+    """Forward and backward reading their streamed tiles through tensor descriptors (zero fill
+    past the sequence and HEAD_D) match the reference; the launchers really took that path."""
     monkeypatch.setattr(_kernels, "TMA", True)
     taken = []
     allowed = _kernels._tma_allowed
@@ -141,11 +141,14 @@ def test_tma_forward(name, dtype, _kernels, monkeypatch):
 
 
 def test_tma_refused_for_unaligned_rows(_kernels, monkeypatch):
-    """Rows whose stride is not a multiple of 16 bytes (head dim 7, fp16) take the pointer path."""
+    """Rows whose stride is not a multiple of 16 bytes (head dim 7, fp16) and head dims above 128
+    take the pointer path."""
     monkeypatch.setattr(_kernels, "TMA", True)
     k = torch.zeros(1, 2, 5, 7, dtype=torch.float16, device=DEVICE)
     assert not _kernels._tma_allowed(k, k, layout="bhsd")
-    k = torch.zeros(1, 2, 5, 8, dtype=torch.float16, device=DEVICE)
+    k = torch.zeros(1, 2, 5, 256, dtype=torch.float16, device=DEVICE)
+    assert not _kernels._tma_allowed(k, k, layout="bhsd")  # see _tma_allowed
+    k = torch.zeros(1, 2, 5, 24, dtype=torch.float16, device=DEVICE)
     assert _kernels._tma_allowed(k, k, layout="bhsd") == (INTERPRET or _sm90())
 
 
@@ -545,28 +548,41 @@ def test_gpu_varlen_and_dropout(gpu, dtype):
     assert all(torch.equal(x, y) for x, y in zip(a, b))  # deterministic, no atomics
 
 
+def _force_config(kernels, monkeypatch, d: int, index: int) -> None:
+    """Pin the ``index``-th tile candidate of each kernel (bf16, head dim ``d``); skip when the
+    lists are shorter (one test per candidate, so parallel test workers share the compiles)."""
+    lists = [kernels.tile_configs(kind, d, False) for kind in ("fwd", "dkdv", "dq")]
+    if index >= max(len(c) for c in lists):
+        pytest.skip(f"head dim {d} has fewer than {index + 1} tile candidates")
+    forced = {kind: c[min(index, len(c) - 1)] for kind, c in zip(("fwd", "dkdv", "dq"), lists)}
+    monkeypatch.setattr(kernels, "FORCE_CONFIG", forced)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("index", range(5))
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_gpu_every_tile_config(gpu, _kernels, monkeypatch, d):
+def test_gpu_every_tile_config(gpu, _kernels, monkeypatch, d, index):
     """Each candidate the autotuner may pick computes the right thing (bf16, causal)."""
-    case = kernel_case(300, 300, 2, 1, d, True, batch=1)
-    for fwd, dkdv, dq in zip(*(_kernels.tile_configs(k, d, False) for k in ("fwd", "dkdv", "dq"))):
-        monkeypatch.setattr(_kernels, "FORCE_CONFIG", {"fwd": fwd, "dkdv": dkdv, "dq": dq})
-        check_backend(case, "triton", torch.bfloat16, "cuda")
+    _force_config(_kernels, monkeypatch, d, index)
+    check_backend(kernel_case(300, 300, 2, 1, d, True, batch=1), "triton", torch.bfloat16, "cuda")
 
 
 @pytest.mark.gpu
-def test_gpu_tma_forward(gpu, _kernels, monkeypatch):
-    """The tensor-descriptor forward on the GPU: every d128 bf16 tile candidate, then the
-    padded-head-dim varlen and the strided bshd window cases."""
+@pytest.mark.parametrize("index", range(5))
+def test_gpu_tma_every_d128_tile_config(gpu, _kernels, monkeypatch, index):
+    """The tensor-descriptor kernels on the GPU, each d128 bf16 tile candidate."""
     monkeypatch.setattr(_kernels, "TMA", True)
+    _force_config(_kernels, monkeypatch, 128, index)
     case = kernel_case(1000, 1000, 4, 2, 128, True, batch=2)
-    for fwd in _kernels.tile_configs("fwd", 128, False):
-        monkeypatch.setattr(_kernels, "FORCE_CONFIG", {"fwd": fwd})
-        check_backend(case, "triton", torch.bfloat16, "cuda")
-    monkeypatch.setattr(_kernels, "FORCE_CONFIG", {})
-    for name in ("varlen-d80-gqa", "bshd-packed-window"):
-        check_backend(TMA_CASES[name](), "triton", torch.bfloat16, "cuda")
+    check_backend(case, "triton", torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["varlen-d80-gqa", "bshd-packed-window"])
+def test_gpu_tma(gpu, _kernels, monkeypatch, name):
+    """The tensor-descriptor kernels on the GPU: padded head dim (varlen), strided bshd views."""
+    monkeypatch.setattr(_kernels, "TMA", True)
+    check_backend(TMA_CASES[name](), "triton", torch.bfloat16, "cuda")
 
 
 @pytest.mark.gpu
@@ -666,9 +682,9 @@ def test_kernels_compile_for_sm90():
     assert {r[0] for r in results} == {"fwd", "dkdv", "dq", "preprocess"}
 
 
-def test_tma_forward_compiles_for_sm90():
-    """The forward with K / V read through tensor descriptors (``TMA``), the first d128 bf16 tile
-    candidate, and the padded / windowed / dropout / varlen variant."""
+def test_tma_kernels_compile_for_sm90():
+    """The kernels reading their streamed tiles through tensor descriptors (``TMA``), the first
+    d128 bf16 tile candidate, and the padded / windowed / dropout / varlen variant."""
     plain = {"dtype": "bf16", "d": 128, "arch": 90, "left": False, "dropout": False}
     cases = [
         {**plain, "varlen": False, "all_configs": False, "tma": True},
