@@ -23,6 +23,8 @@ wall clock of a busy shared machine swings by 2x, the CPU time much less.
     python benchmarks/bench_rnn.py                      # GPU if present, else CPU; standard sizes
     python benchmarks/bench_rnn.py --device cpu --threads 2 --sizes 32x128x256
     python benchmarks/bench_rnn.py --sizes 32x128x128,256x1024x1024 --cells lstm
+    python benchmarks/bench_rnn.py --sizes 32x128x256 --no-layernorm \
+        --cuda-variants loop,graph,persistent,persistent+graph --impls turbolm-cuda
 
 Writes ``rnn.csv`` / ``rnn.md`` (and ``rnn.png`` with matplotlib) under
 ``benchmarks/results/<device>/`` (``--out`` to change). Sizes are ``BxTxH``; the issue's full
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as
 import torch  # noqa: E402
 from common import peak_memory_mb, set_threads, sync, time_stats_ms, write_results  # noqa: E402
 
-from turbolm.ops import registry, use_backend  # noqa: E402
+from turbolm.ops import registry, rnn_kernels, use_backend  # noqa: E402
 from turbolm.ops.rnn import rnn_layer_reference  # noqa: E402
 
 # Standard sizes: the GPU set fits gpu_check.sh's 150 s per benchmark; --sizes full for all.
@@ -108,9 +110,18 @@ def layernorm_module(cell: str, ref, device, dtype):
     return module
 
 
-def implementations(cell: str, device: str, hidden: int, dtype, layernorm: bool = True):
+def implementations(
+    cell: str,
+    device: str,
+    hidden: int,
+    dtype,
+    layernorm: bool = True,
+    cuda_variants: list[str] | None = None,
+):
     """name -> (forward fn(x) -> y, parameters, fp64 reference fn or None), for what can run here
-    (None: the plain cell's fp64 reference)."""
+    (None: the plain cell's fp64 reference). ``cuda_variants``: one ``turbolm-cuda`` entry per
+    CUDA time-loop variant (``turbolm-cuda-<variant>``; ``loop`` keeps the plain name); each
+    call sets the variant, which the backward of the same fwd+bwd then also uses."""
     ref, ours, loop = make_modules(cell, hidden, device, dtype)
     impls = {"torch.nn": (lambda x: ref(x)[0], list(ref.parameters()), None)}
     probe = torch.zeros(2, 1, hidden, device=device, dtype=dtype)
@@ -119,7 +130,17 @@ def implementations(cell: str, device: str, hidden: int, dtype, layernorm: bool 
         if backend is None:
             continue
         reason = backend.why_not(input=probe, weights=list(ours._flat_weights), auto=False)
-        if reason is None:
+        if reason is None and name == "cuda" and cuda_variants:
+            for variant in cuda_variants:
+
+                def run(x, name=name, variant=variant):
+                    rnn_kernels.set_cuda_variant(variant)
+                    with use_backend(name):
+                        return ours(x)[0]
+
+                label = "turbolm-cuda" if variant == "loop" else f"turbolm-cuda-{variant}"
+                impls[label] = (run, list(ours.parameters()), None)
+        elif reason is None:
 
             def run(x, name=name):
                 with use_backend(name):
@@ -169,9 +190,18 @@ def max_error(fn, ref_module, x, ref_fn=None) -> float:
 def bench(args) -> list[dict]:
     device, dtype = args.device, DTYPES[args.dtype]
     rows = []
+    variant_before = rnn_kernels.get_cuda_variant()
     for cell, (batch, steps, hidden) in itertools.product(args.cells, parse_sizes(args.sizes)):
         print(f"{cell} B{batch} T{steps} H{hidden}", file=sys.stderr)
-        impls, ref_module = implementations(cell, device, hidden, dtype, not args.no_layernorm)
+        impls, ref_module = implementations(
+            cell, device, hidden, dtype, not args.no_layernorm, args.cuda_variants
+        )
+        if args.impls:
+            impls = {
+                k: v
+                for k, v in impls.items()
+                if k == "torch.nn" or any(k == p or k.startswith(p + "-") for p in args.impls)
+            }
         gen = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(steps, batch, hidden, generator=gen).to(device, dtype)
         x.requires_grad_(True)
@@ -212,6 +242,8 @@ def bench(args) -> list[dict]:
             )
             results[name] = row
             rows.append(row)
+        if args.cuda_variants:
+            rnn_kernels.set_cuda_variant(variant_before)
         base = results.get("torch.nn")
         for row in results.values():
             key = "fwd_bwd_cpu_ms" if device == "cpu" else "fwd_bwd_ms"
@@ -266,6 +298,18 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-error", action="store_true")
     parser.add_argument("--no-layernorm", action="store_true", help="leave out layer_norm=True")
+    parser.add_argument(
+        "--cuda-variants",
+        type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+        help="CUDA time-loop variants to compare, e.g. loop,graph,persistent,persistent+graph "
+        "(default: the current variant only)",
+    )
+    parser.add_argument(
+        "--impls",
+        type=lambda s: s.split(","),
+        help="only these implementations (table names or their prefix before '-', e.g. "
+        "turbolm-cuda for every CUDA variant; torch.nn is always kept)",
+    )
     parser.add_argument("--out", help="results folder (default benchmarks/results/<device>)")
     parser.add_argument("--name", default="rnn", help="result file name (<name>.csv / .md)")
     args = parser.parse_args(argv)

@@ -21,6 +21,8 @@ reason. On ``--device cpu`` (a smoke test: ``--sizes 4x8x16``) the ``cpu`` backe
     python benchmarks/profile_rnn.py --out /tmp/prof                   # the standard grid (GPU)
     python benchmarks/profile_rnn.py --out /tmp/prof --sizes 256x128x1024 --cells lstm \\
         --dtypes bfloat16 --backends cuda
+    python benchmarks/profile_rnn.py --out /tmp/prof --sizes 32x128x256 --cells lstm \
+        --backends torch.nn,cuda,cuda:graph,cuda:persistent
     python benchmarks/profile_rnn.py --device cpu --sizes 4x8x16 --out /tmp/prof
 
 ``--out DIR`` receives ``profile_rnn.txt`` (everything printed). fp32 GEMMs follow torch's
@@ -46,7 +48,12 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GPU_SIZES = "32x128x256,32x128x1024,256x128x256,256x128x1024"
 CPU_SIZES = "4x8x16"
-LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel")
+LAUNCH_NAMES = (
+    "cudaLaunchKernel",
+    "cuLaunchKernel",
+    "cudaLaunchCooperativeKernel",
+    "cudaGraphLaunch",
+)
 
 
 def parse_sizes(text: str) -> list[tuple[int, int, int]]:
@@ -72,9 +79,13 @@ class Tee:
 
 
 def make_impl(cell: str, backend: str, hidden: int, device: str, dtype):
-    """(fn(x) -> y, parameters) or (None, reason) when the backend cannot run here."""
+    """(fn(x) -> y, parameters) or (None, reason) when the backend cannot run here.
+    ``cuda:<variant>`` runs the cuda backend with that time-loop variant (``graph``,
+    ``persistent``, ``persistent,graph``; rnn_kernels.cuda_variant)."""
     from turbolm.nn.rnn import GRU, LSTM
-    from turbolm.ops import registry, use_backend
+    from turbolm.ops import registry, rnn_kernels, use_backend
+
+    backend, _, variant = backend.partition(":")
 
     torch_cls, ours_cls = (torch.nn.LSTM, LSTM) if cell == "lstm" else (torch.nn.GRU, GRU)
     torch.manual_seed(0)
@@ -92,6 +103,10 @@ def make_impl(cell: str, backend: str, hidden: int, device: str, dtype):
         return None, reason
 
     def run(x):
+        if variant:  # set per call: the backward of the same fwd+bwd uses it too
+            rnn_kernels.set_cuda_variant(variant)
+        elif backend == "cuda":
+            rnn_kernels.set_cuda_variant("loop")
         with use_backend(backend):
             return ours(x)[0]
 
@@ -185,7 +200,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cells", default="lstm,gru")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument(
-        "--backends", default=None, help="default: torch.nn,cuda,triton (cpu: torch.nn,cpu)"
+        "--backends",
+        default=None,
+        help="default: torch.nn,cuda,triton (cpu: torch.nn,cpu); cuda:<variant> for a CUDA "
+        "time-loop variant, e.g. cuda:graph, cuda:persistent, 'cuda:persistent+graph'",
     )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)

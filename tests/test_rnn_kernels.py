@@ -540,6 +540,89 @@ def test_gpu_backends(backend, mode, dtype, no_tf32):
     check_backend(cell, backend, dtype, device="cuda")
 
 
+# The CUDA time-loop variants (rnn.cu "variants"), "strict": a variant that should run but
+# cannot raises instead of falling back. Sizes around the persistent kernel's limit (H <= 256)
+# and its batch tiling (32 / 64 / 128 rows); projections and variable lengths, which the
+# persistent kernel leaves to the loop (and graphs leave projections to the loop), must still
+# be right. Graph runs call each case twice: the first call of given sizes is the plain
+# warm-up, the second captures (and a repeat with the same buffers replays).
+GPU_VARIANTS = ("graph", "persistent", "persistent,graph")
+
+
+def _variant_cases(mode):
+    proj = 5 if mode == "lstm" else 0
+    return (
+        seq_case(mode, 2, True, 5, 7, 33),
+        seq_case(mode, 2, True, 5, 7, 33, lengths=True, proj_size=proj),
+        seq_case(mode, 1, False, 5, 6, 33, lengths=True),
+        seq_case(mode, 1, False, 70, 9, 256),
+        seq_case(mode, 1, True, 300, 4, 128, with_hx=False),
+        seq_case(mode, 1, False, 3, 5, 257),
+    )
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("variant", GPU_VARIANTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_gpu_cuda_variants(variant, mode, dtype, no_tf32):
+    if dtype == torch.bfloat16 and mode == "rnn_relu":
+        pytest.skip(RELU_BF16_SKIP)
+    repeats = 2 if "graph" in variant else 1
+    with rnn_kernels.cuda_variant(variant + ",strict"):
+        for case in _variant_cases(mode):
+            case.atol = BF16_ATOL
+            for _ in range(repeats):
+                check_backend(case, "cuda", dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("variant", GPU_VARIANTS)
+@pytest.mark.parametrize("mode", ("lstm", "gru"))
+def test_gpu_cuda_variants_match_loop(variant, mode, no_tf32):
+    """Repeated forward + backward of one module (the graph path replays from the third call)
+    against the plain loop on the same inputs: outputs, states and every gradient."""
+    import turbolm
+    import turbolm.nn
+
+    torch.manual_seed(0)
+    cls = turbolm.nn.LSTM if mode == "lstm" else turbolm.nn.GRU
+    module = cls(48, 128, num_layers=2, bidirectional=True).cuda()
+    x = torch.randn(16, 32, 48, device="cuda", requires_grad=True)
+    dy = torch.randn(16, 32, 256, device="cuda")
+
+    def run():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        with turbolm.use_backend("cuda"):
+            y, state = module(x)
+        h = state[0] if mode == "lstm" else state
+        (y * dy).sum().backward()
+        grads = [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+        return [y.detach().clone(), h.detach().clone()] + grads
+
+    with rnn_kernels.cuda_variant("loop"):
+        expected = run()
+    with rnn_kernels.cuda_variant(variant + ",strict"):
+        for _ in range(4):
+            got = run()
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_variant_switch():
+    """The Python switch sets what rnn.cu reads, validates names and restores the old value."""
+    old = os.environ.get(rnn_kernels.CUDA_VARIANT_ENV)
+    with rnn_kernels.cuda_variant("persistent+graph"):
+        assert os.environ[rnn_kernels.CUDA_VARIANT_ENV] == "persistent,graph"
+        assert rnn_kernels.get_cuda_variant() == "persistent,graph"
+    assert os.environ.get(rnn_kernels.CUDA_VARIANT_ENV) == old
+    with pytest.raises(ValueError, match="unknown CUDA RNN variant"):
+        rnn_kernels.set_cuda_variant("fast")
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", ("cuda", "triton"))

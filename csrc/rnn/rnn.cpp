@@ -313,6 +313,16 @@ struct CpuKernels {
     run_rows(s, fn, threads_for(s.n, s.H * gates_of(s.mode)));
   }
 
+  // No persistent kernel and no graphs on CPU: the step loop runs as it is.
+  template <typename T, typename L>
+  static bool fwd_sequence(const SeqFwd<T, L>&) {
+    return false;
+  }
+  template <typename F>
+  static void run_steps(const std::vector<int64_t>&, const Weight&, bool, F&& steps) {
+    steps();
+  }
+
   template <typename T, typename L>
   static void bwd(const BwdStep<T, L>& s) {
     BwdRange<T, L> fn = nullptr;

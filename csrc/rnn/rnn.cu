@@ -17,9 +17,20 @@
 // The gate kernels compute one (batch row, unit) per thread with the rnn_math.h formulas (the
 // exact code the CPU build runs in CI).
 //
-// For small batches and hidden sizes the loop stays launch-bound (two launches per step).
-// Not done yet: capturing the loop in a CUDA graph and the persistent small-hidden kernel that
-// keeps W_hh on chip.
+// For small batches and hidden sizes that loop is launch-bound (two launches per step; the
+// H200 profile showed the GPU busy 11-37% of the wall time). Two alternatives, selected by
+// TURBOLM_RNN_CUDA_VARIANT (see "variants"; the default stays the plain loop until the GPU
+// benchmarks pick a winner):
+//   graph       each direction's step loop (forward and backward) recorded by stream capture
+//               into a CUDA graph, cached on the exact launch arguments and replayed with one
+//               host call (see "CUDA graphs of the step loop");
+//   persistent  the forward loop for H <= 256 as ONE cooperative kernel: W_hh spread over the
+//               blocks' shared memory for all T steps, h_t exchanged through global memory
+//               with a grid-wide barrier per step, the cell state in registers; it leaves the
+//               same saved tensors as the loop, so backward is unchanged (see "persistent
+//               forward kernel").
+// Whatever a variant does not cover (projections; padding for the persistent kernel; fp64)
+// runs the plain loop.
 #include <ATen/core/Tensor.h>
 #include <ATen/Context.h>
 #include <ATen/ops/empty.h>
@@ -30,6 +41,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <library_types.h>
@@ -39,7 +51,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -147,6 +163,7 @@ struct Api {
   Status (*create)(Handle*) = nullptr;                   // cublasCreate_v2
   Status (*set_stream)(Handle, cudaStream_t) = nullptr;  // cublasSetStream_v2
   Status (*set_math_mode)(Handle, int) = nullptr;        // cublasSetMathMode
+  Status (*set_workspace)(Handle, void*, size_t) = nullptr;  // cublasSetWorkspace_v2 (optional)
   Status (*sgemm)(Handle, int, int, int, int, int, const float*, const float*, int,
                   const float*, int, const float*, float*, int) = nullptr;  // cublasSgemm_v2
   Status (*dgemm)(Handle, int, int, int, int, int, const double*, const double*, int,
@@ -184,6 +201,8 @@ const Api& api() {
     sym(a.sgemm, "cublasSgemm_v2");
     sym(a.dgemm, "cublasDgemm_v2");
     sym(a.gemm_ex, "cublasGemmEx");
+    // Optional: only the CUDA-graph path needs it (without it, graphs are not used).
+    a.set_workspace = reinterpret_cast<decltype(a.set_workspace)>(dlsym(lib, "cublasSetWorkspace_v2"));
     return a;
   }();
   TORCH_CHECK(loaded.error.empty(), "turbolm rnn (cuda): ", loaded.error);
@@ -192,6 +211,17 @@ const Api& api() {
 
 void check(Status status, const char* what) {
   TORCH_CHECK(status == 0, "turbolm rnn (cuda): ", what, " failed with cuBLAS status ", status);
+}
+
+struct Workspace {
+  void* data = nullptr;
+  size_t bytes = 0;
+};
+
+// The workspace the GEMMs of this thread use while it captures a graph (none otherwise).
+Workspace& capture_workspace() {
+  static thread_local Workspace w;
+  return w;
 }
 
 // This thread's handle for the current device, bound to the current stream, in `math` mode.
@@ -204,8 +234,31 @@ Handle handle(int math) {
   Handle& h = handles[device];
   if (h == nullptr) check(a.create(&h), "cublasCreate");
   check(a.set_stream(h, c10::cuda::getCurrentCUDAStream()), "cublasSetStream");
+  // cublasSetStream resets the workspace to cuBLAS's default pool; while a loop is being
+  // captured into a CUDA graph, point it at a workspace we own instead (no allocation during
+  // capture, and the memory outlives the graph).
+  if (capture_workspace().data != nullptr) {
+    check(a.set_workspace(h, capture_workspace().data, capture_workspace().bytes),
+          "cublasSetWorkspace");
+  }
   check(a.set_math_mode(h, math), "cublasSetMathMode");
   return h;
+}
+
+// One cuBLAS workspace per (device, stream a graph is launched on), allocated once (before
+// any capture) and never freed: the graphs recorded for that stream keep its address.
+constexpr size_t kWorkspaceBytes = size_t(32) << 20;  // cuBLAS's recommendation for Hopper
+
+Workspace stream_workspace(int device, cudaStream_t stream) {
+  static std::mutex mutex;
+  static auto* spaces = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // leaked
+  std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& t = (*spaces)[{device, stream}];
+  if (!t.defined()) {
+    t = at::empty({static_cast<int64_t>(kWorkspaceBytes)},
+                  at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+  }
+  return {t.mutable_data_ptr(), kWorkspaceBytes};
 }
 
 int to_int(int64_t v, const char* what) {
@@ -284,6 +337,489 @@ Operand operand(const at::Tensor& t) {
   return {c, std::max<int64_t>(1, c.size(1)), false};
 }
 
+// ---- variants -----------------------------------------------------------------------------
+//
+// TURBOLM_RNN_CUDA_VARIANT selects how the time loop runs (read on every call, so a benchmark
+// can switch it between calls; turbolm.ops.rnn_kernels.cuda_variant sets it):
+//   loop        (default) host loop, two launches per step
+//   graph       the step loop of each layer / direction recorded once into a CUDA graph and
+//               replayed (forward and backward; not with projections)
+//   persistent  the forward loop as one cooperative kernel where supported (H <= 256, no
+//               projection, no padding; fp32 / fp16 / bf16), the rest as `loop`
+// Tokens combine with ',' or '+' ("persistent,graph": persistent forward, graph backward).
+// "strict" (tests) turns a silent fallback into an error where the variant should have run:
+// a failed capture / instantiation, or a persistent launch refused for a supported size.
+struct Variant {
+  bool graph = false;
+  bool persistent = false;
+  bool strict = false;
+};
+
+Variant variant() {
+  Variant v;
+  const char* env = std::getenv("TURBOLM_RNN_CUDA_VARIANT");
+  if (env == nullptr || *env == '\0') return v;
+  const std::string text(env);
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t end = text.find_first_of(",+", start);
+    if (end == std::string::npos) end = text.size();
+    const std::string token = text.substr(start, end - start);
+    if (token == "graph") {
+      v.graph = true;
+    } else if (token == "persistent") {
+      v.persistent = true;
+    } else if (token == "strict") {
+      v.strict = true;
+    } else {
+      TORCH_CHECK(token == "loop" || token.empty(),
+                  "TURBOLM_RNN_CUDA_VARIANT: unknown variant '", token,
+                  "' (expected loop, graph, persistent, strict, or a ','-separated combination)");
+    }
+    start = end + 1;
+  }
+  return v;
+}
+
+// ---- CUDA graphs of the step loop ---------------------------------------------------------
+//
+// run_steps records the launches of one direction's step loop (cuBLAS GEMMs, gate kernels)
+// into a graph by stream capture and replays it. The capture runs on a private non-blocking
+// stream of this thread (the legacy default stream cannot be captured), in thread-local mode,
+// with the current stream switched to it, so every launch of the loop lands in the graph; the
+// graph is then launched on the caller's stream, which orders it after prior work there.
+// cuBLAS GEMMs in the capture use a workspace owned per (device, launch stream), set on the
+// handle while capturing (cublasSetStream would otherwise fall back to cuBLAS's pool).
+//
+// Executable graphs are cached per host thread, keyed on everything the launches depend on:
+// the layer's sizes, dtypes, direction and raw buffer pointers (from rnn_layer.h), the
+// recurrent weight's pointer / layout, the TF32 setting, device and launch stream. A call
+// whose key matches replays the graph (one host call); otherwise the loop is captured again
+// (about the host cost of the plain loop) and either updates the least recently used graph of
+// the same sizes in place (cudaGraphExecUpdate: same topology, new pointers) or is
+// instantiated anew. With the caching allocator, buffers usually come back at the same
+// addresses from one training step to the next, so steady state replays.
+// The first call of given sizes runs plainly (warm-up: cuBLAS handle, lazy kernel loading);
+// if a capture fails for any reason, the loop runs plainly (the captured launches never ran).
+namespace graphs {
+
+struct Entry {
+  std::vector<int64_t> key;
+  cudaGraphExec_t exec = nullptr;
+  uint64_t used = 0;
+};
+
+struct Cache {
+  std::vector<Entry> entries;
+  std::vector<std::vector<int64_t>> warmed;  // size keys already run once plainly
+  uint64_t clock = 0;
+  cudaStream_t side[64] = {};
+};
+
+Cache& cache() {  // per thread; leaked on purpose (no CUDA calls during static destruction)
+  static thread_local Cache* c = new Cache();
+  return *c;
+}
+
+constexpr size_t kMaxEntries = 64;  // per thread
+constexpr int kPerShape = 4;        // graphs kept per size key (e.g. several layers)
+constexpr size_t kShapeLen = 12;    // key[0, kShapeLen): sizes and flags (rnn_layer.h)
+
+bool same_shape(const std::vector<int64_t>& a, const std::vector<int64_t>& b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.begin() + kShapeLen, b.begin());
+}
+
+// Captures steps() on this thread's side stream; nullptr if capture failed.
+template <typename F>
+cudaGraph_t capture(int device, cudaStream_t launch, F& steps) {
+  Cache& c = cache();
+  cudaStream_t& side = c.side[device];
+  if (side == nullptr) C10_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+  const blas::Workspace ws = blas::stream_workspace(device, launch);
+  cudaGraph_t graph = nullptr;
+  bool ok = false;
+  {
+    c10::cuda::CUDAStreamGuard guard(
+        c10::cuda::getStreamFromExternal(side, static_cast<c10::DeviceIndex>(device)));
+    blas::Workspace& cw = blas::capture_workspace();
+    cw = ws;
+    if (cudaStreamBeginCapture(side, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
+      bool threw = false;
+      try {
+        steps();
+      } catch (...) {
+        threw = true;
+      }
+      const cudaError_t end = cudaStreamEndCapture(side, &graph);
+      ok = !threw && end == cudaSuccess && graph != nullptr;
+    }
+    cw = blas::Workspace{};
+  }
+  if (!ok) {
+    (void)cudaGetLastError();  // clear the capture error; the plain loop runs instead
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    return nullptr;
+  }
+  return graph;
+}
+
+template <typename F>
+void run(std::vector<int64_t> key, const Operand& w, bool strict, F& steps) {
+  const blas::Api& api = blas::api();
+  const cudaStream_t launch = c10::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(launch, &status));
+  const int device = c10::cuda::current_device();
+  if (status != cudaStreamCaptureStatusNone || api.set_workspace == nullptr || device >= 64) {
+    steps();  // inside someone else's capture, or no cublasSetWorkspace: plain loop
+    return;
+  }
+  key.push_back(device);
+  key.push_back(reinterpret_cast<int64_t>(launch));
+  key.push_back(reinterpret_cast<int64_t>(w.t.defined() ? w.t.const_data_ptr() : nullptr));
+  key.push_back(w.ld);
+  key.push_back(w.trans);
+  key.push_back(at::globalContext().allowTF32CuBLAS());
+  Cache& c = cache();
+  for (Entry& e : c.entries) {
+    if (e.key == key) {
+      e.used = ++c.clock;
+      C10_CUDA_CHECK(cudaGraphLaunch(e.exec, launch));
+      return;
+    }
+  }
+  // The first call of given sizes runs plainly: it creates the cuBLAS handle and loads the
+  // kernels (lazy module loading) outside of any capture, as CUDA-graph users warm up.
+  const std::vector<int64_t> sizes(key.begin(), key.begin() + kShapeLen);
+  if (std::find(c.warmed.begin(), c.warmed.end(), sizes) == c.warmed.end()) {
+    if (c.warmed.size() >= 256) c.warmed.clear();
+    c.warmed.push_back(sizes);
+    steps();
+    return;
+  }
+  (void)blas::handle(blas::kDefaultMath);  // exists already; never created inside a capture
+  cudaGraph_t graph = capture(device, launch, steps);
+  if (graph == nullptr) {
+    TORCH_CHECK(!strict, "turbolm rnn (cuda): capturing the step loop into a CUDA graph failed");
+    steps();
+    return;
+  }
+  // The slot: the least recently used graph of these sizes once kPerShape exist (updated in
+  // place), else a new one (evicting the least recently used of all beyond kMaxEntries).
+  int same = 0;
+  Entry* lru_same = nullptr;
+  Entry* lru_all = nullptr;
+  for (Entry& e : c.entries) {
+    if (same_shape(e.key, key)) {
+      ++same;
+      if (lru_same == nullptr || e.used < lru_same->used) lru_same = &e;
+    }
+    if (lru_all == nullptr || e.used < lru_all->used) lru_all = &e;
+  }
+  Entry* slot = nullptr;
+  if (same >= kPerShape) {
+    slot = lru_same;
+    cudaGraphExecUpdateResultInfo info;
+    if (cudaGraphExecUpdate(slot->exec, graph, &info) != cudaSuccess) {
+      (void)cudaGetLastError();
+      C10_CUDA_CHECK(cudaGraphExecDestroy(slot->exec));  // in-flight launches still complete
+      slot->exec = nullptr;
+    }
+  } else if (c.entries.size() >= kMaxEntries) {
+    slot = lru_all;
+    C10_CUDA_CHECK(cudaGraphExecDestroy(slot->exec));
+    slot->exec = nullptr;
+  } else {
+    c.entries.emplace_back();
+    slot = &c.entries.back();
+  }
+  if (slot->exec == nullptr) {
+    const cudaError_t err = cudaGraphInstantiate(&slot->exec, graph, 0);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      cudaGraphDestroy(graph);
+      slot->exec = nullptr;
+      c.entries.erase(c.entries.begin() + (slot - c.entries.data()));
+      TORCH_CHECK(!strict, "turbolm rnn (cuda): instantiating the step-loop graph failed: ",
+                  cudaGetErrorString(err));
+      steps();
+      return;
+    }
+  }
+  cudaGraphDestroy(graph);
+  slot->key = std::move(key);
+  slot->used = ++c.clock;
+  C10_CUDA_CHECK(cudaGraphLaunch(slot->exec, launch));
+}
+
+}  // namespace graphs
+
+// ---- persistent forward kernel (small hidden sizes) --------------------------------------
+//
+// The whole forward loop of one direction in one cooperative launch. Block (unit tile u,
+// batch tile bt) owns kPU = 8 consecutive units j (all their gates: NG * kPU columns of W_hh)
+// and BT = 32 * R batch rows; its 256 threads are (unit ju = tid % 8, row group rg = tid / 8),
+// each computing R rows of one unit, all gates. The block's W_hh slice stays in shared memory
+// for all T steps as fp32 (the values of the GEMM-type weights), laid out [k][ju][gate] so a
+// warp's weight loads are 8 distinct (vector) addresses; h_{t-1} of the block's rows is
+// staged per step into shared memory [k][row] (row stride BT + 1: conflict-free transposed
+// stores, k-contiguous global reads), rounded to the GEMM type first (what the cuBLAS path
+// multiplies). Products accumulate in fp32, added to the input projections already in ws
+// (the same sum the loop's accumulating GEMM forms, in another order), and the gate math is
+// the rnn_math.h per-unit functions, called on registers. The cell state and the thread's
+// own h_{t-1} stay in registers across steps.
+//
+// h_t is exchanged through a global ping-pong buffer hbuf (2, B, H) in the GEMM type: step s
+// writes buffer s & 1 and reads buffer (s - 1) & 1 (step 0 reads h_0), then grid.sync();
+// the sync orders every block's writes of step s before any read in step s + 1 (it fences at
+// device scope), and the buffer a step writes was last read a step earlier, before the
+// previous sync. The reads bypass L1 (__ldcg), so no stale line can be seen.
+// Deadlock freedom: cudaLaunchCooperativeKernel refuses a grid that cannot be co-resident;
+// it is also checked beforehand against cudaOccupancyMaxActiveBlocksPerMultiprocessor, and
+// any refusal falls back to the step loop (nothing ran).
+namespace persistent {
+
+constexpr int kPU = 8;                      // units per block
+constexpr int kThreads = 256;               // kPU units x kGroups row groups
+constexpr int kGroups = kThreads / kPU;     // 32
+constexpr int64_t kMaxH = 256;
+
+template <int MODE>
+constexpr int n_gates() {
+  return MODE == kLSTM ? 4 : MODE == kGRU ? 3 : 1;
+}
+
+template <typename L>
+__device__ __forceinline__ float load_cg(const L* p) {
+  if constexpr (std::is_same_v<L, float>) {
+    return __ldcg(p);
+  } else {
+    const unsigned short bits = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    return static_cast<float>(L(bits, L::from_bits()));
+  }
+}
+
+template <typename L>
+__device__ __forceinline__ float round_to(float v) {
+  return static_cast<float>(static_cast<L>(v));
+}
+
+template <int MODE, int R, typename L>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(SeqFwd<float, L> q, L* hbuf) {
+  constexpr int NG = n_gates<MODE>();
+  constexpr int BT = kGroups * R;  // rows per block
+  constexpr int BTP = BT + 1;      // row stride of h_s
+  extern __shared__ float4 smem4[];
+  const int H = static_cast<int>(q.H), B = static_cast<int>(q.B);
+  const int64_t S = static_cast<int64_t>(saved_of(MODE)) * H;
+  float* w_s = reinterpret_cast<float*>(smem4);  // [H][kPU][NG]
+  float* h_s = w_s + H * kPU * NG;               // [H][BTP]
+  const int unit_tiles = (H + kPU - 1) / kPU;
+  const int tile_u = blockIdx.x % unit_tiles, tile_b = blockIdx.x / unit_tiles;
+  const int ju = threadIdx.x % kPU, rg = threadIdx.x / kPU;
+  const int j = tile_u * kPU + ju;
+  const bool unit_ok = j < H;
+  const int row0 = tile_b * BT;   // first row of the block
+  const int b0 = row0 + rg * R;   // first row of the thread
+
+  for (int idx = threadIdx.x; idx < H * kPU * NG; idx += kThreads) {
+    const int g = idx % NG, u = (idx / NG) % kPU, k = idx / (NG * kPU);
+    const int jj = tile_u * kPU + u;
+    w_s[idx] = jj < H ? static_cast<float>(q.w_hh[static_cast<int64_t>(g * H + jj) * H + k]) : 0.f;
+  }
+  float bl[NG > 1 ? NG : 1];
+  float bhn[1] = {0.f};
+  float c[R], hown[R];
+#pragma unroll
+  for (int g = 0; g < NG; ++g) bl[g] = unit_ok ? q.bias[g * H + j] : 0.f;
+  if (MODE == kGRU && unit_ok) bhn[0] = q.b_hn[j];
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int b = b0 + i;
+    const bool ok = unit_ok && b < B;
+    hown[i] = ok ? q.h[static_cast<int64_t>(b) * H + j] : 0.f;
+    c[i] = (MODE == kLSTM && ok) ? q.c[static_cast<int64_t>(b) * H + j] : 0.f;
+  }
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+
+  for (int64_t step = 0; step < q.steps; ++step) {
+    const int64_t t = q.reverse ? q.steps - 1 - step : step;
+    // h_{t-1} of the block's rows, in the GEMM type, into h_s (transposed)
+    const L* hsrc = hbuf + ((step - 1) & 1) * static_cast<int64_t>(B) * H;
+#pragma unroll 4
+    for (int idx = threadIdx.x; idx < BT * H; idx += kThreads) {
+      const int r = idx / H, k = idx - r * H;
+      const int b = row0 + r;
+      float v = 0.f;
+      if (b < B) {
+        const int64_t off = static_cast<int64_t>(b) * H + k;
+        v = step == 0 ? round_to<L>(q.h[off]) : load_cg(hsrc + off);
+      }
+      h_s[k * BTP + r] = v;
+    }
+    // this step's input projections (x W_ih^T, in ws), loaded now to overlap the dot products
+    float pre[R][NG];
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int b = b0 + i;
+      const bool ok = unit_ok && b < B;
+      const float* wsr = q.ws + (t * B + b) * S;
+#pragma unroll
+      for (int g = 0; g < NG; ++g) pre[i][g] = ok ? wsr[g * H + j] : 0.f;
+    }
+    __syncthreads();
+    float acc[R][NG];
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+      for (int g = 0; g < NG; ++g) acc[i][g] = 0.f;
+    if (unit_ok) {
+      const float* wp = w_s + ju * NG;
+      const float* hp = h_s + rg * R;
+#pragma unroll 4
+      for (int k = 0; k < H; ++k) {
+        float w[NG];
+        if constexpr (NG == 4) {
+          const float4 w4 = *reinterpret_cast<const float4*>(wp + k * kPU * NG);
+          w[0] = w4.x;
+          w[1] = w4.y;
+          w[2] = w4.z;
+          w[3] = w4.w;
+        } else {
+#pragma unroll
+          for (int g = 0; g < NG; ++g) w[g] = wp[k * kPU * NG + g];
+        }
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          const float hv = hp[k * BTP + i];
+#pragma unroll
+          for (int g = 0; g < NG; ++g) acc[i][g] = fmaf(w[g], hv, acc[i][g]);
+        }
+      }
+    }
+    // gate math, outputs, h_t into hbuf[step & 1]
+    L* hdst = hbuf + (step & 1) * static_cast<int64_t>(B) * H;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int b = b0 + i;
+      if (!unit_ok || b >= B) continue;
+      const int64_t tb = t * B + b;
+      float* wsr = q.ws + tb * S;
+      float hn;
+      if constexpr (MODE == kLSTM) {
+        float wl[5] = {pre[i][0] + acc[i][0], pre[i][1] + acc[i][1], pre[i][2] + acc[i][2],
+                       pre[i][3] + acc[i][3], 0.f};
+        float cl = c[i];
+        lstm_fwd_unit<float>(0, 1, bl, wl, &cl, &hn);
+#pragma unroll
+        for (int g = 0; g < 5; ++g) wsr[g * H + j] = wl[g];
+        c[i] = cl;
+      } else if constexpr (MODE == kGRU) {
+        float wl[4] = {pre[i][0], pre[i][1], pre[i][2], 0.f};
+        const float gh[3] = {acc[i][0], acc[i][1], acc[i][2]};
+        hn = gru_fwd_unit<float>(0, 1, bl, bhn, hown[i], gh, wl);
+#pragma unroll
+        for (int g = 0; g < 4; ++g) wsr[g * H + j] = wl[g];
+      } else {
+        float wl[1] = {pre[i][0] + acc[i][0]};
+        hn = rnn_fwd_unit<float>(0, bl, MODE == kRNNRelu, wl);
+        wsr[j] = wl[0];
+      }
+      q.hprev[tb * H + j] = hown[i];
+      q.y[tb * q.y_ld + j] = hn;
+      hdst[static_cast<int64_t>(b) * H + j] = static_cast<L>(hn);
+      hown[i] = hn;
+    }
+    grid.sync();  // also a block barrier: h_s is free to be refilled
+  }
+  // final states (q.h was last read in step 0, before at least one grid.sync)
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int b = b0 + i;
+    if (!unit_ok || b >= B) continue;
+    const int64_t off = static_cast<int64_t>(b) * H + j;
+    q.h[off] = hown[i];
+    if (q.h_lp != nullptr) q.h_lp[off] = static_cast<L>(hown[i]);
+    if (MODE == kLSTM) q.c[off] = c[i];
+  }
+}
+
+template <int MODE, int R, typename L>
+size_t smem_bytes(int64_t H) {
+  return static_cast<size_t>(H) * (kPU * n_gates<MODE>() + kGroups * R + 1) * sizeof(float);
+}
+
+// Launches the kernel for q if some R fits co-resident: the smallest R whose grid fits one
+// block per SM, else the smallest whose grid fits at all. Returns false (nothing launched)
+// otherwise.
+template <int MODE, typename L>
+bool launch_mode(const SeqFwd<float, L>& q) {
+  using Fn = void (*)(SeqFwd<float, L>, L*);
+  const Fn fns[3] = {fwd_kernel<MODE, 1, L>, fwd_kernel<MODE, 2, L>, fwd_kernel<MODE, 4, L>};
+  const size_t smem[3] = {smem_bytes<MODE, 1, L>(q.H), smem_bytes<MODE, 2, L>(q.H),
+                          smem_bytes<MODE, 4, L>(q.H)};
+  const int rows[3] = {kGroups, 2 * kGroups, 4 * kGroups};
+  const int device = c10::cuda::current_device();
+  int sms = 0, coop = 0, smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (coop == 0) return false;
+  const int64_t unit_tiles = (q.H + kPU - 1) / kPU;
+  int pick = -1;
+  int64_t pick_grid = 0;
+  for (int pass = 0; pass < 2 && pick < 0; ++pass) {
+    for (int r = 0; r < 3 && pick < 0; ++r) {
+      if (smem[r] > static_cast<size_t>(smem_optin)) continue;
+      const int64_t grid = unit_tiles * ((q.B + rows[r] - 1) / rows[r]);
+      if (pass == 0 && grid > sms) continue;
+      if (cudaFuncSetAttribute(fns[r], cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem[r])) != cudaSuccess) {
+        (void)cudaGetLastError();
+        continue;
+      }
+      int per_sm = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fns[r], kThreads, smem[r]) !=
+          cudaSuccess) {
+        (void)cudaGetLastError();
+        continue;
+      }
+      if (grid <= static_cast<int64_t>(per_sm) * sms) {
+        pick = r;
+        pick_grid = grid;
+      }
+    }
+  }
+  if (pick < 0) return false;
+  at::Tensor hbuf = at::empty({2, q.B, q.H}, at::TensorOptions()
+                                                 .dtype(c10::CppTypeToScalarType<L>::value)
+                                                 .device(at::kCUDA, device));
+  SeqFwd<float, L> arg = q;
+  L* hbuf_p = hbuf.mutable_data_ptr<L>();
+  void* args[] = {&arg, &hbuf_p};
+  const cudaError_t err = cudaLaunchCooperativeKernel(
+      reinterpret_cast<const void*>(fns[pick]), dim3(static_cast<unsigned>(pick_grid)),
+      dim3(kThreads), args, smem[pick], c10::cuda::getCurrentCUDAStream());
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // not launched: the step loop runs instead
+    return false;
+  }
+  return true;
+}
+
+template <typename L>
+bool launch(const SeqFwd<float, L>& q) {
+  switch (q.mode) {
+    case kLSTM: return launch_mode<kLSTM, L>(q);
+    case kGRU: return launch_mode<kGRU, L>(q);
+    case kRNNTanh: return launch_mode<kRNNTanh, L>(q);
+    default: return launch_mode<kRNNRelu, L>(q);
+  }
+}
+
+}  // namespace persistent
+
 struct CudaKernels {
   using Guard = c10::cuda::CUDAGuard;
 
@@ -358,6 +894,36 @@ struct CudaKernels {
       default: fwd_kernel<kRNNRelu, false, T, L><<<blocks, kThreads, 0, stream>>>(s); break;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // The forward loop of one direction as one persistent kernel (variant "persistent").
+  template <typename T, typename L>
+  static bool fwd_sequence(const SeqFwd<T, L>& q) {
+    if constexpr (!std::is_same_v<T, float>) {
+      return false;
+    } else {
+      const Variant v = variant();
+      if (!v.persistent || q.H > persistent::kMaxH || q.B == 0) return false;
+      if (q.B > std::numeric_limits<int>::max() / q.H) return false;
+      const bool launched = persistent::launch(q);
+      TORCH_CHECK(launched || !v.strict, "turbolm rnn (cuda): the persistent kernel could not ",
+                  "be launched for B=", q.B, " H=", q.H, " (not co-resident / no cooperative ",
+                  "launch)");
+      return launched;
+    }
+  }
+
+  // The step loop of one direction, recorded into a CUDA graph (variant "graph"; not with
+  // projections, whose loop uses ATen ops) or run as it is.
+  template <typename F>
+  static void run_steps(const std::vector<int64_t>& key, const Weight& w_hh, bool proj,
+                        F&& steps) {
+    const Variant v = variant();
+    if (proj || !v.graph) {
+      steps();
+      return;
+    }
+    graphs::run(key, w_hh, v.strict, steps);
   }
 
   template <int MODE, typename T, typename L>

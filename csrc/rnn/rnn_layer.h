@@ -27,6 +27,11 @@
 // weights, a rounded copy of the running h and the dG; the products accumulate and are written
 // in fp32), the compute type otherwise. The projection (W_hr) GEMMs stay in the compute type.
 //
+// K may replace a direction's whole forward loop by one launch (K::fwd_sequence returns true:
+// the CUDA persistent kernel) and wraps each direction's step loop in K::run_steps (the CUDA
+// backend may record it into a CUDA graph keyed on the sizes and raw pointers listed there:
+// the first 12 key entries are sizes and flags, the rest pointers; the CPU runs it as is).
+//
 // K supplies the device part: check_device, Guard, the fused kernels fwd / bwd, step_weight
 // (a weight in the form its gemm takes, once per call: never cached across calls, ZeRO-3 may
 // swap the parameters) and the GEMMs gemm (raw row-major matrices, optionally accumulating),
@@ -371,6 +376,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       s.mode = L.mode;
       s.proj = L.proj;
       s.out_ld = L.proj ? H : D * P;
+      // The whole loop in one persistent kernel where K has one for these sizes (CUDA, small
+      // H, no projection, no padding); it leaves exactly what the loop below leaves.
+      if (!L.proj && !bt.padded) {
+        SeqFwd<T_, L_> q{};
+        q.bias = s.bias;
+        q.b_hn = s.b_hn;
+        q.w_hh = lw.w_hh[d].template const_data_ptr<L_>();
+        q.ws = ws_d;
+        q.h = h_d;
+        q.h_lp = s.h_lp;
+        q.c = s.c;
+        q.hprev = hprev_p + d * T * B * P;
+        q.y = y_p + d * P;
+        q.y_ld = D * P;
+        q.steps = T;
+        q.B = B;
+        q.H = H;
+        q.mode = L.mode;
+        q.reverse = d == 1;
+        if (K::fwd_sequence(q)) continue;
+      }
+      // What the loop's launches depend on, for K::run_steps (CUDA graphs: the key of a
+      // recorded loop; the GEMM weight's layout and the GEMM/TF32 settings K adds itself).
+      std::vector<int64_t> key{0,
+                               L.mode,
+                               T,
+                               B,
+                               H,
+                               P,
+                               D,
+                               d,
+                               static_cast<int64_t>(acc),
+                               static_cast<int64_t>(gt),
+                               L.proj,
+                               bt.padded,
+                               reinterpret_cast<int64_t>(hl_d),
+                               reinterpret_cast<int64_t>(gh_p),
+                               reinterpret_cast<int64_t>(ws_p),
+                               reinterpret_cast<int64_t>(hprev_p),
+                               reinterpret_cast<int64_t>(y_p),
+                               reinterpret_cast<int64_t>(s.bias),
+                               reinterpret_cast<int64_t>(s.b_hn),
+                               reinterpret_cast<int64_t>(s.h),
+                               reinterpret_cast<int64_t>(s.h_lp),
+                               reinterpret_cast<int64_t>(s.c)};
+      if (bt.padded) key.insert(key.end(), bt.active.begin(), bt.active.end());
+      K::run_steps(key, w_hh, L.proj, [&] {
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = d == 0 ? step : T - 1 - step;
         const int64_t n = bt.active[t];
@@ -397,6 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           if (lp) h_lp[d].narrow(0, 0, n).copy_(h_rows_t);
         }
       }
+      });
     }
   });
   const c10::ScalarType dt = x_in.scalar_type();
@@ -488,6 +541,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_ba
       s.H = H;
       s.P = P;
       s.mode = L.mode;
+      std::vector<int64_t> key{1,
+                               L.mode,
+                               T,
+                               B,
+                               H,
+                               P,
+                               D,
+                               d,
+                               static_cast<int64_t>(acc),
+                               static_cast<int64_t>(gt),
+                               L.proj,
+                               bt.padded,
+                               reinterpret_cast<int64_t>(dgi_p),
+                               reinterpret_cast<int64_t>(dgh_p),
+                               reinterpret_cast<int64_t>(ws_p),
+                               reinterpret_cast<int64_t>(hprev_p),
+                               reinterpret_cast<int64_t>(dy_p),
+                               reinterpret_cast<int64_t>(dh_d),
+                               reinterpret_cast<int64_t>(s.dc)};
+      if (bt.padded) key.insert(key.end(), bt.active.begin(), bt.active.end());
+      K::run_steps(key, w_hh, L.proj, [&] {
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = d == 0 ? T - 1 - step : step;
         const int64_t n = bt.active[t];
@@ -528,6 +602,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_ba
           K::gemm(dh_rows, Mat<const L_>{dgi_t, n, G, D * G}, w_hh, false);
         }
       }
+      });
     }
   });
 

@@ -272,6 +272,28 @@ struct BwdStep {
   int mode;
 };
 
+// The whole forward time loop of one direction (no projection, no padding), for a device
+// that runs it in one launch (the CUDA persistent kernel): ws (T, B, S*H) holds the input
+// projections on entry and the saved values on exit; h / h_lp / c (B, H) hold h_0 / c_0 on
+// entry and h_T / c_T on exit; hprev (T, B, H) receives h_{t-1}; y (row stride y_ld, time
+// stride B * y_ld) h_t; steps = T. w_hh: (G, H) row-major in the GEMM type. Backward runs step by step.
+template <typename T, typename L = T>
+struct SeqFwd {
+  const T* bias;
+  const T* b_hn;
+  const L* w_hh;
+  T* ws;
+  T* h;
+  L* h_lp;  // nullptr unless L != T
+  T* c;
+  T* hprev;
+  T* y;
+  int64_t y_ld;
+  int64_t steps, B, H;
+  int mode;
+  bool reverse;
+};
+
 // ---- rows: serial loops over the units of one batch row ---------------------------------
 //
 // The CPU kernels call these per row; the CUDA kernels compute the same units one thread

@@ -13,7 +13,12 @@ direction, the whole sequence per call; cells: one step of one layer).
   on half-precision operands (x, weights, a rounded copy of h, dG) with fp32 accumulation and
   results. Variable lengths sort the batch once so that padded steps cost nothing. On CPU the
   float32 GEMMs go to oneDNN's brgemm micro-kernel where this torch has it, else ATen (MKL);
-  on CUDA straight to cuBLAS (the allow_tf32 setting applies to fp32).
+  on CUDA straight to cuBLAS (the allow_tf32 setting applies to fp32). How the CUDA time loop
+  runs is chosen by :func:`cuda_variant` (env ``TURBOLM_RNN_CUDA_VARIANT``): ``loop`` (the
+  default, host loop), ``graph`` (each layer / direction's step loop recorded into a cached
+  CUDA graph and replayed, forward and backward) or ``persistent`` (the forward loop of
+  hidden sizes <= 256 as one cooperative kernel keeping W_hh in shared memory); combinations
+  like ``persistent,graph``. Cases a variant does not cover run the plain loop.
 * ``triton`` (``kernels/rnn.py``): the same algorithm with the fused gate kernels written in
   Triton and the time loop in Python (see that module for the trade-off; its per-step GEMMs
   stay fp32). CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (tests).
@@ -26,6 +31,9 @@ explicitly never falls back: ``supports`` returns the reason and the registry ra
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
@@ -58,6 +66,48 @@ def _picked_by_auto(auto: bool | None) -> bool:
 # (a first H200 run found the Triton step kernels failing for bf16); by name they still run.
 GPU_AUTO = False
 _GPU_UNVERIFIED = "not yet verified on a GPU, so auto skips it (name the backend to use it)"
+
+
+# ---- CUDA time-loop variants ------------------------------------------------------------------
+
+CUDA_VARIANT_ENV = "TURBOLM_RNN_CUDA_VARIANT"
+CUDA_VARIANTS = ("loop", "graph", "persistent")
+_VARIANT_FLAGS = ("strict",)  # tests: a variant that cannot run raises instead of falling back
+
+
+def _check_variant(name: str) -> str:
+    tokens = [t for t in name.replace("+", ",").split(",") if t]
+    bad = [t for t in tokens if t not in CUDA_VARIANTS + _VARIANT_FLAGS]
+    if bad or not tokens:
+        raise ValueError(
+            f"unknown CUDA RNN variant {name!r}: expected one of {', '.join(CUDA_VARIANTS)} "
+            "or a ','-separated combination"
+        )
+    return ",".join(tokens)
+
+
+def get_cuda_variant() -> str:
+    """The variant the CUDA layer ops use now (``loop`` unless set)."""
+    return os.environ.get(CUDA_VARIANT_ENV) or "loop"
+
+
+def set_cuda_variant(name: str) -> None:
+    """Sets how the CUDA layer ops run their time loop (read by the C++ side on every call)."""
+    os.environ[CUDA_VARIANT_ENV] = _check_variant(name)
+
+
+@contextlib.contextmanager
+def cuda_variant(name: str):
+    """``with cuda_variant("graph"): ...`` runs the CUDA RNN layers with that variant."""
+    old = os.environ.get(CUDA_VARIANT_ENV)
+    set_cuda_variant(name)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(CUDA_VARIANT_ENV, None)
+        else:
+            os.environ[CUDA_VARIANT_ENV] = old
 
 
 # ---- C++ / CUDA extension --------------------------------------------------------------------
