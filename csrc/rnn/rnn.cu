@@ -202,7 +202,8 @@ const Api& api() {
     sym(a.dgemm, "cublasDgemm_v2");
     sym(a.gemm_ex, "cublasGemmEx");
     // Optional: only the CUDA-graph path needs it (without it, graphs are not used).
-    a.set_workspace = reinterpret_cast<decltype(a.set_workspace)>(dlsym(lib, "cublasSetWorkspace_v2"));
+    a.set_workspace =
+        reinterpret_cast<decltype(a.set_workspace)>(dlsym(lib, "cublasSetWorkspace_v2"));
     return a;
   }();
   TORCH_CHECK(loaded.error.empty(), "turbolm rnn (cuda): ", loaded.error);
@@ -583,6 +584,7 @@ constexpr int kPU = 8;                      // units per block
 constexpr int kThreads = 256;               // kPU units x kGroups row groups
 constexpr int kGroups = kThreads / kPU;     // 32
 constexpr int64_t kMaxH = 256;
+constexpr int kStage = 8;                   // h loads in flight per thread when staging
 
 template <int MODE>
 constexpr int n_gates() {
@@ -640,22 +642,38 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(SeqFwd<float, L> q, L* hb
     hown[i] = ok ? q.h[static_cast<int64_t>(b) * H + j] : 0.f;
     c[i] = (MODE == kLSTM && ok) ? q.c[static_cast<int64_t>(b) * H + j] : 0.f;
   }
+  const int r_first = threadIdx.x / H, k_first = threadIdx.x % H;  // h tile staging
+  const int r_step = kThreads / H, k_step = kThreads % H;
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
 
   for (int64_t step = 0; step < q.steps; ++step) {
     const int64_t t = q.reverse ? q.steps - 1 - step : step;
     // h_{t-1} of the block's rows, in the GEMM type, into h_s (transposed)
+    // Element idx = r * H + k of the (BT, H) tile, idx = tid, tid + 256, ...: (r, k) advanced
+    // without divisions, kStage loads in flight per thread before their stores.
     const L* hsrc = hbuf + ((step - 1) & 1) * static_cast<int64_t>(B) * H;
-#pragma unroll 4
-    for (int idx = threadIdx.x; idx < BT * H; idx += kThreads) {
-      const int r = idx / H, k = idx - r * H;
-      const int b = row0 + r;
-      float v = 0.f;
-      if (b < B) {
-        const int64_t off = static_cast<int64_t>(b) * H + k;
-        v = step == 0 ? round_to<L>(q.h[off]) : load_cg(hsrc + off);
+    for (int r = r_first, k = k_first; r < BT;) {
+      float v[kStage];
+      int at[kStage];
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        v[u] = 0.f;
+        at[u] = r < BT ? k * BTP + r : -1;
+        if (r < BT && row0 + r < B) {
+          const int64_t off = static_cast<int64_t>(row0 + r) * H + k;
+          v[u] = step == 0 ? round_to<L>(q.h[off]) : load_cg(hsrc + off);
+        }
+        r += r_step;
+        k += k_step;
+        if (k >= H) {
+          k -= H;
+          ++r;
+        }
       }
-      h_s[k * BTP + r] = v;
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        if (at[u] >= 0) h_s[at[u]] = v[u];
+      }
     }
     // this step's input projections (x W_ih^T, in ws), loaded now to overlap the dot products
     float pre[R][NG];

@@ -423,32 +423,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                reinterpret_cast<int64_t>(s.c)};
       if (bt.padded) key.insert(key.end(), bt.active.begin(), bt.active.end());
       K::run_steps(key, w_hh, L.proj, [&] {
-      for (int64_t step = 0; step < T; ++step) {
-        const int64_t t = d == 0 ? step : T - 1 - step;
-        const int64_t n = bt.active[t];
-        if (n == 0) continue;
-        const int64_t dt = (d * T + t) * B;
-        // 2. recurrent projections of the running rows: accumulated into their ws rows
-        // (GRU: into gh)
-        const Mat<const L_> h_rows{hl_d, n, P, P};
-        if (L.mode == kGRU) {
-          K::gemm(Mat<T_>{gh_p, n, G, G}, h_rows, w_hh, false);
-        } else {
-          K::gemm(Mat<T_>{ws_p + dt * SH, n, G, SH}, h_rows, w_hh, true);
+        for (int64_t step = 0; step < T; ++step) {
+          const int64_t t = d == 0 ? step : T - 1 - step;
+          const int64_t n = bt.active[t];
+          if (n == 0) continue;
+          const int64_t dt = (d * T + t) * B;
+          // 2. recurrent projections of the running rows: accumulated into their ws rows
+          // (GRU: into gh)
+          const Mat<const L_> h_rows{hl_d, n, P, P};
+          if (L.mode == kGRU) {
+            K::gemm(Mat<T_>{gh_p, n, G, G}, h_rows, w_hh, false);
+          } else {
+            K::gemm(Mat<T_>{ws_p + dt * SH, n, G, SH}, h_rows, w_hh, true);
+          }
+          // 3. the fused gate kernel
+          s.n = n;
+          s.hprev = hprev_p + dt * P;
+          s.ws = ws_p + dt * SH;
+          s.out = L.proj ? hraw_p + dt * H : y_p + t * B * D * P + d * P;
+          K::fwd(s);
+          if (L.proj) {
+            K::gemm(Mat<T_>{h_d, n, P, P}, Mat<const T_>{hraw_p + dt * H, n, H, H}, w_hr, false);
+            const at::Tensor h_rows_t = h_n[d].narrow(0, 0, n);
+            y[t].narrow(0, 0, n).narrow(1, d * P, P).copy_(h_rows_t);
+            if (lp) h_lp[d].narrow(0, 0, n).copy_(h_rows_t);
+          }
         }
-        // 3. the fused gate kernel
-        s.n = n;
-        s.hprev = hprev_p + dt * P;
-        s.ws = ws_p + dt * SH;
-        s.out = L.proj ? hraw_p + dt * H : y_p + t * B * D * P + d * P;
-        K::fwd(s);
-        if (L.proj) {
-          K::gemm(Mat<T_>{h_d, n, P, P}, Mat<const T_>{hraw_p + dt * H, n, H, H}, w_hr, false);
-          const at::Tensor h_rows_t = h_n[d].narrow(0, 0, n);
-          y[t].narrow(0, 0, n).narrow(1, d * P, P).copy_(h_rows_t);
-          if (lp) h_lp[d].narrow(0, 0, n).copy_(h_rows_t);
-        }
-      }
       });
     }
   });
@@ -562,46 +562,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_ba
                                reinterpret_cast<int64_t>(s.dc)};
       if (bt.padded) key.insert(key.end(), bt.active.begin(), bt.active.end());
       K::run_steps(key, w_hh, L.proj, [&] {
-      for (int64_t step = 0; step < T; ++step) {
-        const int64_t t = d == 0 ? T - 1 - step : step;
-        const int64_t n = bt.active[t];
-        if (n == 0) continue;
-        const int64_t dt = (d * T + t) * B;
-        L_* dgi_t = dgi_p + t * B * D * G + d * G;
-        s.n = n;
-        s.ws = ws_p + dt * SH;
-        s.hprev = hprev_p + dt * P;
-        s.dgi = dgi_t;
-        s.dgh = L.mode == kGRU ? dgh_p + dt * G : nullptr;
-        if (L.proj) {
-          // dL/dh_t = dh + dy, saved for dW_hr; then back through the projection.
-          at::Tensor dhp_rows = dhp[d][t].narrow(0, 0, n);
-          const at::Tensor dh_rows = dh[d].narrow(0, 0, n);
-          if (dy.defined()) {
-            at::add_out(dhp_rows, dh_rows, dy[t].narrow(0, 0, n).narrow(1, d * P, P));
+        for (int64_t step = 0; step < T; ++step) {
+          const int64_t t = d == 0 ? T - 1 - step : step;
+          const int64_t n = bt.active[t];
+          if (n == 0) continue;
+          const int64_t dt = (d * T + t) * B;
+          L_* dgi_t = dgi_p + t * B * D * G + d * G;
+          s.n = n;
+          s.ws = ws_p + dt * SH;
+          s.hprev = hprev_p + dt * P;
+          s.dgi = dgi_t;
+          s.dgh = L.mode == kGRU ? dgh_p + dt * G : nullptr;
+          if (L.proj) {
+            // dL/dh_t = dh + dy, saved for dW_hr; then back through the projection.
+            at::Tensor dhp_rows = dhp[d][t].narrow(0, 0, n);
+            const at::Tensor dh_rows = dh[d].narrow(0, 0, n);
+            if (dy.defined()) {
+              at::add_out(dhp_rows, dh_rows, dy[t].narrow(0, 0, n).narrow(1, d * P, P));
+            } else {
+              dhp_rows.copy_(dh_rows);
+            }
+            K::gemm(Mat<T_>{dh_raw_p, n, H, H}, Mat<const T_>{dhp_p + dt * P, n, P, P}, w_hr,
+                    false);
+            s.dh_in = dh_raw_p;
+            s.dh_ld = H;
+            s.dy = nullptr;
           } else {
-            dhp_rows.copy_(dh_rows);
+            s.dh_in = dh_d;
+            s.dh_ld = P;
+            s.dy = dy_p != nullptr ? dy_p + t * B * D * P + d * P : nullptr;
+            s.dy_ld = D * P;
           }
-          K::gemm(Mat<T_>{dh_raw_p, n, H, H}, Mat<const T_>{dhp_p + dt * P, n, P, P}, w_hr,
-                  false);
-          s.dh_in = dh_raw_p;
-          s.dh_ld = H;
-          s.dy = nullptr;
-        } else {
-          s.dh_in = dh_d;
-          s.dh_ld = P;
-          s.dy = dy_p != nullptr ? dy_p + t * B * D * P + d * P : nullptr;
-          s.dy_ld = D * P;
+          K::bwd(s);
+          // dh_{t-1} = dG_h W_hh (+ dh * z, already in dh, for the GRU)
+          const Mat<T_> dh_rows{dh_d, n, P, P};
+          if (L.mode == kGRU) {
+            K::gemm(dh_rows, Mat<const L_>{dgh_p + dt * G, n, G, G}, w_hh, true);
+          } else {
+            K::gemm(dh_rows, Mat<const L_>{dgi_t, n, G, D * G}, w_hh, false);
+          }
         }
-        K::bwd(s);
-        // dh_{t-1} = dG_h W_hh (+ dh * z, already in dh, for the GRU)
-        const Mat<T_> dh_rows{dh_d, n, P, P};
-        if (L.mode == kGRU) {
-          K::gemm(dh_rows, Mat<const L_>{dgh_p + dt * G, n, G, G}, w_hh, true);
-        } else {
-          K::gemm(dh_rows, Mat<const L_>{dgi_t, n, G, D * G}, w_hh, false);
-        }
-      }
       });
     }
   });
