@@ -165,8 +165,57 @@ def errors_vs_fp64(op, fn, inputs):
 
 ROW_COLUMNS = (
     "op dtype rows N backend fwd_ms bwd_ms fwd_bwd_ms fwd_bwd_min_ms fwd_GBps bwd_GBps "
-    "fwd_bwd_GBps pct_of_copy peak_MB err_y err_dx err_dw note"
+    "fwd_bwd_GBps pct_of_copy fwd_kernel_ms bwd_kernel_ms fwd_bwd_kernel_ms fwd_bwd_loop_ms "
+    "kernel_pct_of_copy peak_MB err_y err_dx err_dw note"
 ).split()
+
+
+def kernel_time_ms(fn, device: str, reps: int = 20) -> float:
+    """GPU time of one ``fn()`` call: the summed durations of the kernels (and memsets /
+    copies) it runs, from torch.profiler, per call. Host overhead and launch gaps do not count,
+    so this separates what the kernels cost from what the host path costs (``*_ms`` columns:
+    CUDA events around each call, which include host gaps when the host is the bottleneck).
+    NaN on CPU or when the profiler gives nothing."""
+    if device == "cpu":
+        return float("nan")
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        total_us = sum(
+            e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
+        )
+    except Exception as exc:  # a profiler that cannot run here: the column stays empty
+        print(f"kernel time not measured: {type(exc).__name__}: {exc}", flush=True)
+        return float("nan")
+    return total_us / reps / 1e3 if total_us > 0 else float("nan")
+
+
+def loop_time_ms(fn, device: str, reps: int = 50) -> float:
+    """Per-call time of ``reps`` back-to-back calls, synchronized only at the end: the GPU time
+    when the GPU is the bottleneck, the host time per call when the host is (compare with
+    the kernel time). On CPU: wall clock of the loop."""
+    for _ in range(3):
+        fn()
+    if device == "cpu":
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) / reps * 1e3
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / reps
 
 
 def measure(op, backend, rows, n, dtype, device, reps, ceiling):
@@ -186,6 +235,7 @@ def measure(op, backend, rows, n, dtype, device, reps, ceiling):
         torch.autograd.grad(outs[state["i"]], params, dy, retain_graph=True)
 
     bwd = time_ms(backward, device, reps)
+    bwd_kernel = kernel_time_ms(backward, device)
     outs.clear()  # free the kept graphs
 
     def fwd_bwd():
@@ -193,6 +243,9 @@ def measure(op, backend, rows, n, dtype, device, reps, ceiling):
         torch.autograd.grad(fn(*params), params, dy)
 
     both, both_min = time_stats_ms(fwd_bwd, device, reps)
+    fwd_kernel = kernel_time_ms(lambda: fn(*rot.next()[:-1]), device)
+    both_kernel = kernel_time_ms(fwd_bwd, device)
+    both_loop = loop_time_ms(fwd_bwd, device)
     peak = peak_memory_mb(fwd_bwd, device)
     err_y, err_dx, err_dw = errors_vs_fp64(op, fn, rot.sets[0])
     elt = torch.empty((), dtype=dtype).element_size()
@@ -215,6 +268,11 @@ def measure(op, backend, rows, n, dtype, device, reps, ceiling):
         "bwd_GBps": gbs[1],
         "fwd_bwd_GBps": gbs[2],
         "pct_of_copy": 100 * gbs[2] / ceiling,
+        "fwd_kernel_ms": fwd_kernel,
+        "bwd_kernel_ms": bwd_kernel,
+        "fwd_bwd_kernel_ms": both_kernel,
+        "fwd_bwd_loop_ms": both_loop,
+        "kernel_pct_of_copy": 100 * (fwd_bytes + bwd_bytes) / (both_kernel * 1e-3) / 1e9 / ceiling,
         "peak_MB": peak,
         "err_y": err_y,
         "err_dx": err_dx,
@@ -384,6 +442,10 @@ def main(argv=None) -> list[dict]:
         f"Measured copy bandwidth (ceiling): {ceiling:.1f} GB/s; pct_of_copy is fwd+bwd GB/s over it.",
         "Times are medians (fwd_bwd_min_ms: the minimum); GB/s counts ideal traffic "
         "(fwd: x + y; bwd: dy + x + dx).",
+        "*_kernel_ms: GPU time per call, the summed durations of the kernels it runs "
+        "(torch.profiler; host gaps excluded); kernel_pct_of_copy: fwd+bwd GB/s at that time "
+        "over the copy bandwidth. fwd_bwd_loop_ms: per call over back-to-back calls synced "
+        "at the end (host-bound when it exceeds fwd_bwd_kernel_ms).",
         "err_*: max |result - fp64 reference| on the same inputs (y, dx, dweight).",
         "peak_MB: one fwd+bwd; GPU: peak extra allocation; CPU: total allocated (an upper "
         "bound of the peak: the CPU allocator keeps no peak statistics).",

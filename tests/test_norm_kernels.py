@@ -650,6 +650,125 @@ def test_gpu_weight_grads_are_deterministic(backend):
         assert torch.equal(a, c)
 
 
+# ---- GPU: the cuda backend's register path (csrc/norm/norm.cu) ------------------------------
+#
+# The register path runs when N is a multiple of VEC = 16 / element size and the pointers are
+# 16-byte aligned: forward up to 2048 vectors per row (VPT 1 / 2 / 4 at <= 64 / 256 / 2048
+# vectors), backward up to 1024 (VPT 1 / 2 at <= 64 / 1024); other shapes take the generic
+# path. These shapes sit on both sides of each threshold; rows include 1, counts that do not
+# divide the rows per block / per chunk, and more rows than the SMs hold.
+
+CUDA_REG_SHAPES = [
+    # (dtype, N): VEC = 8 (2-byte types), 4 (fp32), 2 (fp64)
+    (torch.bfloat16, 8),  # 1 vector
+    (torch.bfloat16, 512),  # 64 vectors: last VPT 1
+    (torch.bfloat16, 520),  # 65: VPT 2
+    (torch.bfloat16, 2048),  # 256: last fwd VPT 2
+    (torch.bfloat16, 2056),  # 257: fwd VPT 4
+    (torch.bfloat16, 4096),  # the benchmark's N
+    (torch.bfloat16, 8192),  # 1024: last bwd register size
+    (torch.bfloat16, 8200),  # bwd generic, fwd register
+    (torch.bfloat16, 16384),  # 2048: last fwd register size
+    (torch.bfloat16, 16392),  # generic both ways
+    (torch.float16, 768),
+    (torch.float16, 4096),
+    (torch.float32, 4),
+    (torch.float32, 1028),
+    (torch.float32, 4096),  # 1024 vectors
+    (torch.float32, 4100),  # bwd generic
+    (torch.float32, 8192),  # last fwd register size
+    (torch.float64, 2),
+    (torch.float64, 2048),  # last bwd register size
+    (torch.float64, 2050),
+    (torch.float64, 4096),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype,n", CUDA_REG_SHAPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("rows", [1, 3, 301])
+def test_gpu_cuda_register_path_thresholds(op, dtype, n, rows):
+    check_backend(norm_case(op, rows, n), "cuda", dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("variant", [*VARIANTS, "bias_only"])
+@pytest.mark.parametrize("rows,n", [(37, 4096), (5, 768), (1001, 64)])
+def test_gpu_cuda_register_path_variants(op, variant, rows, n):
+    """No weight / weight only / bias only / large offsets / a constant row / non-contiguous /
+    3-D input on the register path (16-byte aligned N), every dtype."""
+    kwargs = {"weight": False} if variant == "bias_only" else VARIANTS[variant]
+    for dtype in [*DTYPES, torch.float64]:
+        check_backend(norm_case(op, rows, n, **kwargs), "cuda", dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("rows,n", [(37, 4096), (1001, 768), (3, 8192)])
+def test_gpu_cuda_register_path_residual(op, rows, n):
+    for dtype in DTYPES:
+        check_backend(residual_case(op, rows, n), "cuda", dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("rows,n", [(8192, 4096), (20000, 1024)])
+def test_gpu_cuda_benchmark_sizes(op, rows, n):
+    """The benchmark's sizes (more rows than one wave of blocks: several rows per chunk)."""
+    check_backend(norm_case(op, rows, n), "cuda", torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows,n", [(16384, 4096), (4099, 8192), (3001, 520), (777, 8)])
+def test_gpu_cuda_weight_grads_are_deterministic(dtype, rows, n):
+    """dx, dweight, dbias bitwise equal over repeated runs (register path, fixed-order sums)."""
+    x = torch.randn(rows, n, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+    g = torch.randn_like(x)
+    first = torch.autograd.grad(layer_norm(x, n, w, b, backend="cuda"), (x, w, b), g)
+    for _ in range(3):
+        again = torch.autograd.grad(layer_norm(x, n, w, b, backend="cuda"), (x, w, b), g)
+        for a, c in zip(first, again):
+            assert torch.equal(a, c)
+    first = torch.autograd.grad(rms_norm(x, n, w, backend="cuda"), (x, w), g)
+    again = torch.autograd.grad(rms_norm(x, n, w, backend="cuda"), (x, w), g)
+    for a, c in zip(first, again):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_cuda_unaligned_backward(op):
+    """An odd storage offset breaks 16-byte alignment: the generic path, forward and backward,
+    must agree with the register path on the same values."""
+    base = torch.randn(37 * 1024 + 1, device="cuda", dtype=torch.bfloat16)
+    x_odd = base[1:].view(37, 1024).requires_grad_()
+    x_al = base[1:].view(37, 1024).clone().requires_grad_()
+    w = torch.randn(1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(37, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def run(x):
+        y = (
+            layer_norm(x, 1024, w, backend="cuda")
+            if op == "layer_norm"
+            else rms_norm(x, 1024, w, backend="cuda")
+        )
+        return (y, *torch.autograd.grad(y, (x, w), g))
+
+    for got, want in zip(run(x_odd), run(x_al)):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
 # ---- convergence: a small Transformer trained with the cpu kernels vs the reference ------------
 
 
