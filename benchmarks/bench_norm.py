@@ -235,7 +235,6 @@ def measure(op, backend, rows, n, dtype, device, reps, ceiling):
         torch.autograd.grad(outs[state["i"]], params, dy, retain_graph=True)
 
     bwd = time_ms(backward, device, reps)
-    bwd_kernel = kernel_time_ms(backward, device)
     outs.clear()  # free the kept graphs
 
     def fwd_bwd():
@@ -243,8 +242,6 @@ def measure(op, backend, rows, n, dtype, device, reps, ceiling):
         torch.autograd.grad(fn(*params), params, dy)
 
     both, both_min = time_stats_ms(fwd_bwd, device, reps)
-    fwd_kernel = kernel_time_ms(lambda: fn(*rot.next()[:-1]), device)
-    both_kernel = kernel_time_ms(fwd_bwd, device)
     both_loop = loop_time_ms(fwd_bwd, device)
     peak = peak_memory_mb(fwd_bwd, device)
     err_y, err_dx, err_dw = errors_vs_fp64(op, fn, rot.sets[0])
@@ -268,17 +265,51 @@ def measure(op, backend, rows, n, dtype, device, reps, ceiling):
         "bwd_GBps": gbs[1],
         "fwd_bwd_GBps": gbs[2],
         "pct_of_copy": 100 * gbs[2] / ceiling,
-        "fwd_kernel_ms": fwd_kernel,
-        "bwd_kernel_ms": bwd_kernel,
-        "fwd_bwd_kernel_ms": both_kernel,
+        "fwd_kernel_ms": float("nan"),  # filled in by add_kernel_times (a later pass)
+        "bwd_kernel_ms": float("nan"),
+        "fwd_bwd_kernel_ms": float("nan"),
         "fwd_bwd_loop_ms": both_loop,
-        "kernel_pct_of_copy": 100 * (fwd_bytes + bwd_bytes) / (both_kernel * 1e-3) / 1e9 / ceiling,
+        "kernel_pct_of_copy": float("nan"),
         "peak_MB": peak,
         "err_y": err_y,
         "err_dx": err_dx,
         "err_dw": err_dw,
         "note": "",
     }
+
+
+def add_kernel_times(row, device, ceiling) -> None:
+    """Fills ``row``'s *_kernel_ms columns: the GPU time of its case's forward, backward and
+    forward+backward (torch.profiler, see kernel_time_ms) on fresh inputs. Run after every
+    timed measurement: a profiler session can leave the CUDA tracing hooks slowing launches,
+    which would skew event timings taken after it."""
+    if device == "cpu":
+        return
+    op, backend, rows, n = row["op"], row["backend"], row["rows"], row["N"]
+    fn = backend_fn(op, backend, n)
+    rot = Rotator(make_inputs(op, rows, n, DTYPES[row["dtype"]], device), 256 * 2**20)
+    for inputs in rot.sets:
+        fn(*inputs[:-1])
+    row["fwd_kernel_ms"] = kernel_time_ms(lambda: fn(*rot.next()[:-1]), device)
+    outs = [fn(*inputs[:-1]) for inputs in rot.sets]
+    state = {"i": 0}
+
+    def backward():
+        state["i"] = (state["i"] + 1) % len(outs)
+        *params, dy = rot.sets[state["i"]]
+        torch.autograd.grad(outs[state["i"]], params, dy, retain_graph=True)
+
+    row["bwd_kernel_ms"] = kernel_time_ms(backward, device)
+    outs.clear()
+
+    def fwd_bwd():
+        *params, dy = rot.next()
+        torch.autograd.grad(fn(*params), params, dy)
+
+    both = kernel_time_ms(fwd_bwd, device)
+    elt = torch.empty((), dtype=DTYPES[row["dtype"]]).element_size()
+    row["fwd_bwd_kernel_ms"] = both
+    row["kernel_pct_of_copy"] = 100 * 5 * rows * n * elt / (both * 1e-3) / 1e9 / ceiling
 
 
 def not_run_row(op, dtype, backend, reason):
@@ -356,6 +387,11 @@ def main(argv=None) -> list[dict]:
         help="stop starting new measurements after this many seconds and write what was "
         "measured (default: 30 on a GPU, so gpu_check.sh's time box still gets the files; "
         "none on CPU; 0 = no limit)",
+    )
+    parser.add_argument(
+        "--no-kernel-time",
+        action="store_true",
+        help="GPU: skip the torch.profiler pass that fills the *_kernel_ms columns",
     )
     parser.add_argument(
         "--dry-run",
@@ -438,6 +474,17 @@ def main(argv=None) -> list[dict]:
                         flush=True,
                     )
     measured = [r for r in results if r["rows"] is not None]
+    if gpu and not args.no_kernel_time:  # after all event timings (see add_kernel_times)
+        for row in measured:
+            add_kernel_times(row, device, ceiling)
+            print(
+                f"{row['op']:10s} {row['dtype']:8s} {row['rows']:6d}x{row['N']:<6d} "
+                f"{row['backend']:8s} GPU kernel time: fwd {row['fwd_kernel_ms']:8.3f} ms  "
+                f"bwd {row['bwd_kernel_ms']:8.3f} ms  fwd+bwd {row['fwd_bwd_kernel_ms']:8.3f} ms "
+                f"({row['kernel_pct_of_copy']:.1f}% of copy); back-to-back fwd+bwd "
+                f"{row['fwd_bwd_loop_ms']:8.3f} ms",
+                flush=True,
+            )
     notes = [
         f"Measured copy bandwidth (ceiling): {ceiling:.1f} GB/s; pct_of_copy is fwd+bwd GB/s over it.",
         "Times are medians (fwd_bwd_min_ms: the minimum); GB/s counts ideal traffic "
