@@ -547,6 +547,10 @@ def test_gpu_backends(backend, mode, dtype, no_tf32):
 # be right. Graph runs call each case twice: the first call of given sizes is the plain
 # warm-up, the second captures (and a repeat with the same buffers replays).
 GPU_VARIANTS = ("graph", "persistent", "persistent,graph")
+# The harness sweep runs the two that cover every code path ("persistent" alone is the same
+# forward as "persistent,graph" with the plain backward); test_gpu_cuda_variants_match_loop
+# runs all three.
+HARNESS_VARIANTS = ("graph", "persistent,graph")
 
 
 def _variant_cases(mode):
@@ -556,14 +560,14 @@ def _variant_cases(mode):
         seq_case(mode, 2, True, 5, 7, 33, lengths=True, proj_size=proj),
         seq_case(mode, 1, False, 5, 6, 33, lengths=True),
         seq_case(mode, 1, False, 70, 9, 256),
-        seq_case(mode, 1, True, 300, 4, 128, with_hx=False),
+        seq_case(mode, 1, False, 300, 3, 128, with_hx=False),
         seq_case(mode, 1, False, 3, 5, 257),
     )
 
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("variant", GPU_VARIANTS)
+@pytest.mark.parametrize("variant", HARNESS_VARIANTS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_gpu_cuda_variants(variant, mode, dtype, no_tf32):
