@@ -285,17 +285,117 @@ def test_gpu_odd_head_dims(d, heads):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("num_splits", [0, 1, 3, 64])
-def test_gpu_key_splits(num_splits):
+@pytest.mark.parametrize("d", [64, 33])
+@pytest.mark.parametrize("num_splits", [0, 1, 3, 64, 99, 255])
+def test_gpu_key_splits(num_splits, d):
+    """Requested split counts up to 255 (not powers of two; 99 and 255 of 300 keys leave
+    trailing empty chunks, lse = -inf); d 33 takes the merge's element-wise path."""
     gen = torch.Generator().manual_seed(2)
-    q = torch.randn(1, 2, 6, 64, generator=gen, dtype=torch.float64)
-    k, v = (torch.randn(1, 1, 300, 64, generator=gen, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(1, 2, 6, d, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 1, 300, d, generator=gen, dtype=torch.float64) for _ in range(2))
     ref_out, ref_lse = decode_kernels.decode(q, k, v, causal=True)  # cpu, fp64
     out, lse = decode_kernels.decode(
         *(t.float().cuda() for t in (q, k, v)), causal=True, num_splits=num_splits
     )
     torch.testing.assert_close(out.cpu().double(), ref_out, rtol=0, atol=1e-5)
     torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_splits", [0, 2, 5, 64])
+def test_gpu_rows_without_keys(num_splits):
+    """More queries than keys (causal): the first rows see no key in any chunk (zeros, lse =
+    -inf) through the split path and the merge, as on CPU."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 6, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 1, 4, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    ref_out, ref_lse = decode_kernels.decode(q, k, v, causal=True)  # cpu, fp64
+    out, lse = decode_kernels.decode(
+        *(t.float().cuda() for t in (q, k, v)), causal=True, num_splits=num_splits
+    )
+    assert torch.isneginf(lse[..., :2]).all() and (out[..., :2, :] == 0).all()
+    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_splits", [0, 7, 128, 256])
+@pytest.mark.parametrize("window", [(5, 0), (40, 2)], ids=str)
+def test_gpu_window_many_empty_chunks(window, num_splits):
+    """A sliding window over a long cache: most chunks hold no key a row sees (their lse is
+    -inf) and a row's keys straddle chunk and stage boundaries."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 8, 3, 128, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 5000, 128, generator=gen, dtype=torch.float64) for _ in range(2))
+    ref_out, ref_lse = decode_kernels.decode(q, k, v, causal=False, window=window)
+    out, lse = decode_kernels.decode(
+        *(t.float().cuda() for t in (q, k, v)), causal=False, window=window, num_splits=num_splits
+    )
+    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=0, atol=1e-5)
+
+
+def _grouped_reference(q, k, v):
+    """fp64 decode attention on the inputs' device (causal, bottom-right; GQA grouped)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    scores = q.reshape(b, hkv, hq // hkv * tq, d) @ k.transpose(-1, -2) / d**0.5
+    visible = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+    scores = scores.masked_fill(~visible.repeat(hq // hkv, 1), float("-inf"))
+    lse = scores.logsumexp(-1).reshape(b, hq, tq)
+    return (scores.softmax(-1) @ v).reshape(b, hq, tq, d), lse
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(
+    "batch,tk,dtype",
+    [
+        (1, 4096, torch.bfloat16),
+        (1, 16384, torch.bfloat16),  # ~45 auto splits: the merge's many-split path
+        (32, 4096, torch.bfloat16),
+        (3, 16384, torch.float16),
+        (1, 40000, torch.float32),
+    ],
+    ids=str,
+)
+def test_gpu_benchmark_shapes(batch, tk, dtype):
+    """The benchmark's shapes (Hq 32, Hkv 8, D 128, one new token) with the automatic split
+    count, against fp64: within twice SDPA's own error plus a small atol; lse too; and two
+    calls give bitwise identical results (the merge sums in a fixed order)."""
+    torch.manual_seed(5)
+    q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=dtype)
+    k, v = (torch.randn(batch, 8, tk, 128, device="cuda", dtype=dtype) for _ in range(2))
+    ref, ref_lse = _grouped_reference(q, k, v)
+    with torch.no_grad():
+        out, lse = decode_kernels.decode(q, k, v, causal=True)
+        out2, lse2 = decode_kernels.decode(q, k, v, causal=True)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    base = (sdpa.double() - ref).abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 2 * base + 1e-3, (err, base)
+    assert (lse.double() - ref_lse).abs().max().item() < 1e-3
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("tk", [100, 3000])
+def test_gpu_unaligned_rows(tk):
+    """k / v rows 2 elements apart from 16-byte boundaries (a head_dim slice of a wider buffer):
+    the element-wise loads into the shared-memory stages, with several splits."""
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 1, 64, generator=gen, dtype=torch.float64).half()
+    kb, vb = (torch.randn(2, 2, tk, 66, generator=gen, dtype=torch.float64).half() for _ in "kv")
+    k, v = kb[..., 1:65], vb[..., 1:65]
+    ref_out, ref_lse = decode_kernels.decode(q.double(), k.double(), v.double(), causal=True)
+    kc, vc = (t.cuda()[..., 1:65] for t in (kb, vb))
+    out, lse = decode_kernels.decode(q.cuda(), kc, vc, causal=True)
+    assert (out.cpu().double() - ref_out).abs().max() < 2e-3
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=0, atol=1e-4)
 
 
 @pytest.mark.gpu

@@ -42,14 +42,19 @@ TURBOLM_HD KeyRange visible_keys(int64_t t, int64_t tq, int64_t tk, bool causal,
   return {lo, hi};
 }
 
+// Keys of split s when tk keys are cut in chunks of `chunk` keys: [s * chunk, (s + 1) * chunk)
+// clipped to tk (the last chunk may be shorter, a split past the end is empty).
+TURBOLM_HD KeyRange chunk_keys(int64_t s, int64_t tk, int64_t chunk) {
+  const int64_t lo = s * chunk < tk ? s * chunk : tk;
+  const int64_t hi = lo + chunk < tk ? lo + chunk : tk;
+  return {lo, hi};
+}
+
 // Keys of split s when tk keys are cut in `splits` chunks of ceil(tk / splits).
 TURBOLM_HD int64_t split_chunk(int64_t tk, int64_t splits) { return (tk + splits - 1) / splits; }
 
 TURBOLM_HD KeyRange split_keys(int64_t s, int64_t tk, int64_t splits) {
-  const int64_t chunk = split_chunk(tk, splits);
-  const int64_t lo = s * chunk < tk ? s * chunk : tk;
-  const int64_t hi = lo + chunk < tk ? lo + chunk : tk;
-  return {lo, hi};
+  return chunk_keys(s, tk, split_chunk(tk, splits));
 }
 
 TURBOLM_HD KeyRange intersect(KeyRange a, KeyRange b) {
