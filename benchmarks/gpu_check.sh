@@ -80,8 +80,8 @@ if [ "$QUICK" = 1 ]; then
     }
     # Most wanted first: a deadline cut drops the last steps.
     gpu_tests pytest_decode 40 tests/test_attention_decode.py
-    step bench_decode 35 "$PY" benchmarks/bench_decode.py --out "$OUT" --batches 1,32 \
-        --cache-lens 1,33,4096,16384
+    step bench_decode 40 "$PY" benchmarks/bench_decode.py --out "$OUT" --batches 1,32 \
+        --cache-lens 4096,16384,1,33 --budget-s 25
     gpu_tests pytest_rnn 60 tests/test_rnn_kernels.py tests/test_ops_rnn.py tests/test_nn_rnn.py
     # The first tile config of each list (autotuning every test's shape costs minutes); the
     # benchmark below autotunes and reports its errors against fp64.
