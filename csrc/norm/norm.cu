@@ -25,9 +25,9 @@
 //      block, up to 128 registers: one block per SM). Thread t owns the same columns in every
 //      row. Block c owns the contiguous row range [c * rows_per_chunk, ...); lane y walks
 //      rows begin + y, begin + y + RPB, ... in order, keeping per-column fp32 partials of
-//      dy * xhat and dy in registers, with the next two rows' dy, x, mean, rstd loading while
-//      one is reduced (one row ahead when both dweight and dbias are needed: twice the partial
-//      registers). At the end the RPB lanes' partials are added in lane order through shared
+//      dy * xhat and dy in registers (the weights in shared memory), with the next two rows'
+//      dy, x, mean, rstd loading while one is reduced (one row ahead when both dweight and
+//      dbias are needed: twice the partial registers). At the end the RPB lanes' partials are added in lane order through shared
 //      memory and written once to partial[c, col]; sum_partials_kernel adds the chunks in a
 //      fixed order. chunks = the kernel's resident capacity on this device (one wave): the
 //      partial traffic is chunks x N x 4 bytes per gradient, ~2 MB at N = 4096 on 132 SMs,
@@ -35,7 +35,7 @@
 //      the SM count and the kernel's occupancy): bitwise reproducible run to run on one GPU,
 //      not across GPU models.
 //    Benchmark knobs (read once per process): TURBOLM_NORM_REG=0 (generic path only),
-//    TURBOLM_NORM_FWD_VPT=1|2|4, TURBOLM_NORM_BWD_VPT=1|2 (see Tuning).
+//    TURBOLM_NORM_FWD_VPT=1|2|4, TURBOLM_NORM_BWD_VPT=1|2, TURBOLM_NORM_BWD_AHEAD=1|2 (Tuning).
 // 2. Generic path (any N, odd alignments: VEC = 1 when 16-byte vectors are impossible):
 //    * forward / dx: one row per warp (N <= 1024: blocks of 32 x 4) or per block (128..1024
 //      threads), grid-stride over rows; statistics by the chunked moments of common/row_math.h
@@ -524,7 +524,7 @@ __device__ __forceinline__ BwdRow<T, acc_t, VPT> load_bwd_row(const T* dy, const
 // Block c handles chunks c, c + gridDim.x, ...; chunk c is rows [c * rows_per_chunk,
 // min(rows, (c + 1) * rows_per_chunk)). Dynamic shared memory: RPB * VPT * VEC * TPR acc_t
 // when RPB > 1 (the lanes' partials, added in lane order).
-template <typename T, typename acc_t, int VPT, bool HAS_W, bool HAS_B>
+template <typename T, typename acc_t, int VPT, int AHEAD, bool HAS_W, bool HAS_B>
 __global__ void __launch_bounds__(kBwdThreads)
     norm_bwd_reg_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                         const T* __restrict__ w, const acc_t* __restrict__ mean,
@@ -533,14 +533,19 @@ __global__ void __launch_bounds__(kBwdThreads)
                         int64_t rows, int64_t n, int64_t rows_per_chunk, int64_t chunks,
                         bool rms) {
   constexpr int VEC = 16 / sizeof(T);
-  // Rows loaded ahead of the one being reduced: two keep 2 x 512 threads x 64 bytes = 64 KB
-  // of dy / x loads in flight per SM (bf16, N = 4096: one block of 512 threads per SM). With
-  // both dweight and dbias partials (twice the partial registers) one: two spill there.
-  constexpr int kAhead = HAS_W && HAS_B ? 1 : 2;
-  extern __shared__ __align__(16) unsigned char stage_raw[];
+  // AHEAD: rows loaded ahead of the one being reduced. Two keep 2 x 512 threads x 64 bytes =
+  // 64 KB of dy / x loads in flight per SM (bf16, N = 4096: one block of 512 threads per SM).
+  // With both dweight and dbias partials (twice the partial registers) two spill 24 bytes per
+  // thread for bf16 (ptxas 13.0): the host takes one there unless TURBOLM_NORM_BWD_AHEAD=2.
+  constexpr int kAhead = AHEAD;
+  static_assert(AHEAD == 1 || AHEAD == 2, "rows loaded ahead: 1 or 2");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ acc_t red[2][kWarp][2];
-  acc_t* stage = reinterpret_cast<acc_t*>(stage_raw);
   const int tpr = blockDim.x, rpb = blockDim.y;
+  // Dynamic shared memory: the weights, [v][t] vectors (read once per row: in registers they
+  // would cost VPT * 16 bytes per thread for the whole kernel), then the partial stage.
+  Vec<T, VEC>* wsm = reinterpret_cast<Vec<T, VEC>*>(smem_raw);
+  acc_t* stage = reinterpret_cast<acc_t*>(smem_raw + (HAS_W ? sizeof(Vec<T, VEC>) * VPT * tpr : 0));
   const int64_t nvec = n / VEC;
   const int64_t col = static_cast<int64_t>(threadIdx.x) * VEC;  // of vector 0
   const int64_t vstride = static_cast<int64_t>(tpr) * VEC;
@@ -548,12 +553,15 @@ __global__ void __launch_bounds__(kBwdThreads)
   const int64_t owned = threadIdx.x < nvec ? (nvec - threadIdx.x + tpr - 1) / tpr : 0;
   const int live = owned < VPT ? static_cast<int>(owned) : VPT;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
-  // This thread's weights (raw), zeros outside the row.
-  Vec<T, VEC> wv[VPT];
+  if (HAS_W) {
+    if (threadIdx.y == 0) {
 #pragma unroll
-  for (int v = 0; v < VPT; ++v)
-    wv[v] = load_or_zero<T, VEC>(HAS_W && v < live ? w + col + v * vstride : nullptr,
-                                 HAS_W && v < live);
+      for (int v = 0; v < VPT; ++v)
+        wsm[v * tpr + threadIdx.x] =
+            load_or_zero<T, VEC>(v < live ? w + col + v * vstride : nullptr, v < live);
+    }
+    __syncthreads();
+  }
   int phase = 0;
   for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {  // block-uniform
     const int64_t begin = chunk * rows_per_chunk;
@@ -580,6 +588,11 @@ __global__ void __launch_bounds__(kBwdThreads)
           dy, x, mean, rstd, next, next < end, at + kAhead * step, vstride, live);
       // d, xhat and g are recomputed from the raw vectors after the reduction rather than
       // kept live across it (registers).
+      Vec<T, VEC> wr[VPT];
+      if (HAS_W) {
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) wr[v] = wsm[v * tpr + threadIdx.x];
+      }
       acc_t s[2] = {0, 0};  // sum(g), sum(g * xhat) over the row
 #pragma unroll
       for (int v = 0; v < VPT; ++v) {
@@ -588,7 +601,7 @@ __global__ void __launch_bounds__(kBwdThreads)
           for (int k = 0; k < VEC; ++k) {
             const acc_t d = static_cast<acc_t>(cur.d[v].v[k]);
             const acc_t xh = (static_cast<acc_t>(cur.x[v].v[k]) - cur.mu) * cur.rs;
-            const acc_t g = HAS_W ? d * static_cast<acc_t>(wv[v].v[k]) : d;
+            const acc_t g = HAS_W ? d * static_cast<acc_t>(wr[v].v[k]) : d;
             s[0] += g;
             s[1] += g * xh;
           }
@@ -607,7 +620,7 @@ __global__ void __launch_bounds__(kBwdThreads)
             for (int k = 0; k < VEC; ++k) {
               const acc_t d = static_cast<acc_t>(cur.d[v].v[k]);
               const acc_t xh = (static_cast<acc_t>(cur.x[v].v[k]) - cur.mu) * cur.rs;
-              const acc_t g = HAS_W ? d * static_cast<acc_t>(wv[v].v[k]) : d;
+              const acc_t g = HAS_W ? d * static_cast<acc_t>(wr[v].v[k]) : d;
               out[k] = norm_dx(g, xh, cur.rs, mean_g, mean_gx);
               if (HAS_W) pw[v][k] += d * xh;
               if (HAS_B) pb[v][k] += d;
@@ -639,24 +652,22 @@ __global__ void __launch_bounds__(kBwdThreads)
         }
         continue;
       }
-      // stage[lane][v][k][t]: consecutive threads, consecutive words.
+      // One vector slot at a time: stage[lane][k][t] (consecutive threads, consecutive words).
 #pragma unroll
       for (int v = 0; v < VPT; ++v) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k)
-          stage[((threadIdx.y * VPT + v) * VEC + k) * tpr + threadIdx.x] = p[v][k];
-      }
-      __syncthreads();
-      // Thread (t, l) finishes elements e = l, l + RPB, ... of its VPT * VEC.
-      for (int e = threadIdx.y; e < VPT * VEC; e += rpb) {
-        const int v = e / VEC, k = e % VEC;
+        for (int k = 0; k < VEC; ++k) stage[(threadIdx.y * VEC + k) * tpr + threadIdx.x] = p[v][k];
+        __syncthreads();
+        // Thread (t, l) finishes elements k = l, l + RPB, ... of its vector v.
         if (v < live) {
-          acc_t total = 0;
-          for (int l = 0; l < rpb; ++l) total += stage[((l * VPT + v) * VEC + k) * tpr + threadIdx.x];
-          out[v * vstride + k] = total;
+          for (int k = threadIdx.y; k < VEC; k += rpb) {
+            acc_t total = 0;
+            for (int l = 0; l < rpb; ++l) total += stage[(l * VEC + k) * tpr + threadIdx.x];
+            out[v * vstride + k] = total;
+          }
         }
+        __syncthreads();  // stage is rewritten next
       }
-      __syncthreads();  // stage is rewritten next
     }
   }
 }
@@ -740,10 +751,12 @@ int round_up_warp(int64_t v) { return static_cast<int>((v + kWarp - 1) / kWarp *
 //   TURBOLM_NORM_REG=0          the generic path only (to compare with the register path);
 //   TURBOLM_NORM_FWD_VPT=1|2|4  forward vectors per thread, where the row then fits in 512
 //                               threads (default: by N, see fwd_plan);
-//   TURBOLM_NORM_BWD_VPT=1|2    the same for the backward (where it fits in kBwdThreads).
+//   TURBOLM_NORM_BWD_VPT=1|2    the same for the backward (where it fits in kBwdThreads);
+//   TURBOLM_NORM_BWD_AHEAD=1|2  rows the backward loads ahead when it computes both dweight
+//                               and dbias (default 1, see norm_bwd_reg_kernel; otherwise 2).
 struct Tuning {
   bool reg = true;
-  int fwd_vpt = 0, bwd_vpt = 0;
+  int fwd_vpt = 0, bwd_vpt = 0, ln_ahead = 1;
 };
 
 int env_int(const char* name, int fallback) {
@@ -758,6 +771,7 @@ const Tuning& tuning() {
     const int f = env_int("TURBOLM_NORM_FWD_VPT", 0), b = env_int("TURBOLM_NORM_BWD_VPT", 0);
     r.fwd_vpt = f == 1 || f == 2 || f == 4 ? f : 0;
     r.bwd_vpt = b == 1 || b == 2 ? b : 0;
+    r.ln_ahead = env_int("TURBOLM_NORM_BWD_AHEAD", 1) == 2 ? 2 : 1;
     return r;
   }();
   return t;
@@ -847,10 +861,12 @@ using BwdRegKernel = void (*)(const T*, const T*, const T*, const acc_t*, const 
 template <typename T, typename acc_t, int VPT>
 BwdRegKernel<T, acc_t> bwd_reg_kernel(bool has_w, bool has_b) {
   using K = BwdRegKernel<T, acc_t>;
-  return has_w ? (has_b ? K(&norm_bwd_reg_kernel<T, acc_t, VPT, true, true>)
-                        : K(&norm_bwd_reg_kernel<T, acc_t, VPT, true, false>))
-               : (has_b ? K(&norm_bwd_reg_kernel<T, acc_t, VPT, false, true>)
-                        : K(&norm_bwd_reg_kernel<T, acc_t, VPT, false, false>));
+  if (has_w && has_b)
+    return tuning().ln_ahead == 2 ? K(&norm_bwd_reg_kernel<T, acc_t, VPT, 2, true, true>)
+                                  : K(&norm_bwd_reg_kernel<T, acc_t, VPT, 1, true, true>);
+  return has_w ? K(&norm_bwd_reg_kernel<T, acc_t, VPT, 2, true, false>)
+               : (has_b ? K(&norm_bwd_reg_kernel<T, acc_t, VPT, 2, false, true>)
+                        : K(&norm_bwd_reg_kernel<T, acc_t, VPT, 2, false, false>));
 }
 
 template <typename T, typename acc_t>
@@ -865,7 +881,9 @@ BwdPlan plan_bwd(const T* dy, const T* x, const T* w, const T* dx, bool has_b, i
         p.reg.vpt == 1 ? bwd_reg_kernel<T, acc_t, 1>(w != nullptr, has_b)
                        : bwd_reg_kernel<T, acc_t, 2>(w != nullptr, has_b));
     const bool partials = w != nullptr || has_b;
-    p.smem = partials && p.reg.rpb > 1 ? sizeof(acc_t) * p.reg.rpb * p.reg.vpt * kVec * p.reg.tpr : 0;
+    // The weights (16 bytes per vector), then the partial stage (RPB x VEC x TPR acc_t).
+    p.smem = (w != nullptr ? size_t(16) * p.reg.vpt * p.reg.tpr : 0) +
+             (partials && p.reg.rpb > 1 ? sizeof(acc_t) * p.reg.rpb * kVec * p.reg.tpr : 0);
     const int64_t capacity = static_cast<int64_t>(sm_count(device)) *
                              blocks_per_sm(p.kernel, p.reg.tpr * p.reg.rpb, p.smem, device);
     const int64_t most = std::max<int64_t>(
