@@ -769,6 +769,60 @@ def test_gpu_cuda_unaligned_backward(op):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
+KNOB_SCRIPT = """
+import torch
+from tests.harness import check_backend
+from tests.test_norm_kernels import norm_case, residual_case
+from turbolm.ops import layer_norm
+
+for op in ("layer_norm", "rms_norm"):
+    for rows, n in ((301, 4096), (37, 8192), (5, 768), (3, 16384)):
+        for dtype in (torch.bfloat16, torch.float32):
+            check_backend(norm_case(op, rows, n), "cuda", dtype, device="cuda")
+    check_backend(residual_case(op, 37, 4096), "cuda", torch.bfloat16, device="cuda")
+x = torch.randn(4099, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+w = torch.randn(4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+b = torch.randn(4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+g = torch.randn_like(x)
+first = torch.autograd.grad(layer_norm(x, 4096, w, b, backend="cuda"), (x, w, b), g)
+again = torch.autograd.grad(layer_norm(x, 4096, w, b, backend="cuda"), (x, w, b), g)
+assert all(torch.equal(p, q) for p, q in zip(first, again))
+print("knobs ok")
+"""
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"TURBOLM_NORM_BWD_AHEAD": "2"},
+        {"TURBOLM_NORM_REG": "0"},
+        {"TURBOLM_NORM_FWD_VPT": "2", "TURBOLM_NORM_BWD_VPT": "1"},
+        {"TURBOLM_NORM_FWD_VPT": "1", "TURBOLM_NORM_BWD_VPT": "2"},
+    ],
+    ids=["bwd_ahead_2", "generic_only", "fwd2_bwd1", "fwd1_bwd2"],
+)
+def test_gpu_cuda_benchmark_knobs(env):
+    """The layouts bench_norm can select through the environment (read once per process, so
+    each runs in its own process) are correct and deterministic too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-c", KNOB_SCRIPT],
+        env={**os.environ, **env, "TURBOLM_POISON_OUTPUTS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0 and "knobs ok" in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-4000:]
+    )
+
+
 # ---- convergence: a small Transformer trained with the cpu kernels vs the reference ------------
 
 
