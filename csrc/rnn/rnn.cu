@@ -422,9 +422,9 @@ Cache& cache() {  // per thread; leaked on purpose (no CUDA calls during static 
   return *c;
 }
 
-constexpr size_t kMaxEntries = 64;  // per thread
-constexpr int kPerShape = 4;        // graphs kept per size key (e.g. several layers)
-constexpr size_t kShapeLen = 12;    // key[0, kShapeLen): sizes and flags (rnn_layer.h)
+constexpr size_t kMaxEntries = 128;  // per thread
+constexpr int kPerShape = 8;         // graphs kept per size key (e.g. several layers)
+constexpr size_t kShapeLen = 12;     // key[0, kShapeLen): sizes and flags (rnn_layer.h)
 
 bool same_shape(const std::vector<int64_t>& a, const std::vector<int64_t>& b) {
   return a.size() == b.size() && std::equal(a.begin(), a.begin() + kShapeLen, b.begin());
