@@ -522,8 +522,9 @@ __device__ __forceinline__ BwdRow<T, acc_t, VPT> load_bwd_row(const T* dy, const
 // dy * xhat / dy (HAS_W / HAS_B; partial_* (chunks, n) fp32, fp64 for fp64). Block (TPR, RPB)
 // with TPR * VPT * VEC >= n: thread t owns the vectors t + v * TPR (v < VPT) of every row.
 // Block c handles chunks c, c + gridDim.x, ...; chunk c is rows [c * rows_per_chunk,
-// min(rows, (c + 1) * rows_per_chunk)). Dynamic shared memory: RPB * VPT * VEC * TPR acc_t
-// when RPB > 1 (the lanes' partials, added in lane order).
+// min(rows, (c + 1) * rows_per_chunk)). Dynamic shared memory: VPT * TPR weight vectors when
+// HAS_W, then RPB * VEC * TPR acc_t when RPB > 1 (the lanes' partials of one vector slot at a
+// time, added in lane order).
 template <typename T, typename acc_t, int VPT, int AHEAD, bool HAS_W, bool HAS_B>
 __global__ void __launch_bounds__(kBwdThreads)
     norm_bwd_reg_kernel(const T* __restrict__ dy, const T* __restrict__ x,
