@@ -218,6 +218,8 @@ def bench(args) -> list[dict]:
                 torch.autograd.grad(fn(x), [x, *params], dy)
 
             reps = args.reps
+            counted = args.cuda_variants and name.startswith("turbolm-cuda")
+            stats_before = rnn_kernels.cuda_stats() if counted else None
             fwd_med, fwd_min = time_stats_ms(fwd, device, reps=reps, warmup=args.warmup)
             fb_med, fb_min = time_stats_ms(fwd_bwd, device, reps=reps, warmup=args.warmup)
             row = {
@@ -240,6 +242,15 @@ def bench(args) -> list[dict]:
             row["max_err_vs_fp64"] = (
                 max_error(fn, ref_module, x, ref_fn) if not args.no_error else float("nan")
             )
+            if stats_before is not None:  # what the CUDA variant did over all these calls
+                after = rnn_kernels.cuda_stats()
+                row["cuda_paths"] = " ".join(
+                    f"{k}={after[k] - stats_before[k]}"
+                    for k in after
+                    if after[k] != stats_before[k]
+                )
+            elif args.cuda_variants:
+                row["cuda_paths"] = ""
             results[name] = row
             rows.append(row)
         if args.cuda_variants:
@@ -347,6 +358,7 @@ def main(argv=None) -> int:
             f"{row['cell']:4s} B{row['B']:<4d} T{row['T']:<5d} H{row['H']:<5d} "
             f"{row['impl']:15s} fwd {row['fwd_ms']:9.2f} ms  fwd+bwd {row['fwd_bwd_ms']:9.2f} ms"
             f"  x{row['speedup_vs_torch.nn']:.2f} vs torch.nn"
+            + (f"  [{row['cuda_paths']}]" if row.get("cuda_paths") else "")
         )
     return 0
 

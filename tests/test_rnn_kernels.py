@@ -587,7 +587,9 @@ def test_gpu_cuda_variants(variant, mode, dtype, no_tf32):
 @pytest.mark.parametrize("mode", ("lstm", "gru"))
 def test_gpu_cuda_variants_match_loop(variant, mode, no_tf32):
     """Repeated forward + backward of one module (the graph path replays from the third call)
-    against the plain loop on the same inputs: outputs, states and every gradient."""
+    against the plain loop on the same inputs: outputs, states and every gradient; and the
+    variant really ran (rnn_kernels.cuda_stats)."""
+    RUNS = 6
     import turbolm
     import turbolm.nn
 
@@ -609,11 +611,20 @@ def test_gpu_cuda_variants_match_loop(variant, mode, no_tf32):
 
     with rnn_kernels.cuda_variant("loop"):
         expected = run()
+    before = rnn_kernels.cuda_stats()
     with rnn_kernels.cuda_variant(variant + ",strict"):
-        for _ in range(4):
+        for _ in range(RUNS):
             got = run()
             for g, e in zip(got, expected):
                 torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    after = rnn_kernels.cuda_stats()
+    did = {k: after[k] - before[k] for k in after}
+    loops = RUNS * 2 * 2  # runs x layers x directions
+    if "persistent" in variant:
+        assert did["persistent_launches"] == loops and did["persistent_refusals"] == 0, did
+    if "graph" in variant:
+        # same buffers from one run to the next (caching allocator): later runs replay
+        assert did["graph_fallbacks"] == 0 and did["graph_replays"] > 0, did
 
 
 def test_cuda_variant_switch():
@@ -625,6 +636,8 @@ def test_cuda_variant_switch():
     assert os.environ.get(rnn_kernels.CUDA_VARIANT_ENV) == old
     with pytest.raises(ValueError, match="unknown CUDA RNN variant"):
         rnn_kernels.set_cuda_variant("fast")
+    stats = rnn_kernels.cuda_stats()  # None without the CUDA part of the extension
+    assert stats is None or set(stats) == set(rnn_kernels.CUDA_STATS)
 
 
 @pytest.mark.gpu

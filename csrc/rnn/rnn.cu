@@ -50,6 +50,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -382,6 +383,33 @@ Variant variant() {
   return v;
 }
 
+// What the variants did, process-wide (torch.ops.turbolm.rnn_cuda_stats(), in this order;
+// rnn_kernels.cuda_stats() names them): how a benchmark tells replays from recaptures.
+enum Stat : int {
+  kGraphReplays,         // loop replayed from a cached graph (one host call)
+  kGraphWarmups,         // first call of given sizes, run plainly
+  kGraphCaptures,        // loop captured (then instantiated or updated)
+  kGraphUpdates,         // ... and applied to a cached graph by cudaGraphExecUpdate
+  kGraphInstantiations,  // ... or instantiated anew
+  kGraphFallbacks,       // capture / instantiation failed: plain loop
+  kPersistentLaunches,   // forward loops run by the persistent kernel
+  kPersistentRefusals,   // supported sizes, but no co-resident grid: plain loop
+  kNumStats
+};
+
+std::atomic<int64_t>* stats() {
+  static std::atomic<int64_t> counters[kNumStats] = {};
+  return counters;
+}
+
+void count(Stat s) { stats()[s].fetch_add(1, std::memory_order_relaxed); }
+
+std::vector<int64_t> cuda_stats() {
+  std::vector<int64_t> out(kNumStats);
+  for (int i = 0; i < kNumStats; ++i) out[i] = stats()[i].load(std::memory_order_relaxed);
+  return out;
+}
+
 // ---- CUDA graphs of the step loop ---------------------------------------------------------
 //
 // run_steps records the launches of one direction's step loop (cuBLAS GEMMs, gate kernels)
@@ -485,6 +513,7 @@ void run(std::vector<int64_t> key, const Operand& w, bool strict, F& steps) {
   for (Entry& e : c.entries) {
     if (e.key == key) {
       e.used = ++c.clock;
+      count(kGraphReplays);
       C10_CUDA_CHECK(cudaGraphLaunch(e.exec, launch));
       return;
     }
@@ -495,6 +524,7 @@ void run(std::vector<int64_t> key, const Operand& w, bool strict, F& steps) {
   if (std::find(c.warmed.begin(), c.warmed.end(), sizes) == c.warmed.end()) {
     if (c.warmed.size() >= 256) c.warmed.clear();
     c.warmed.push_back(sizes);
+    count(kGraphWarmups);
     steps();
     return;
   }
@@ -502,6 +532,7 @@ void run(std::vector<int64_t> key, const Operand& w, bool strict, F& steps) {
   cudaGraph_t graph = capture(device, launch, steps);
   if (graph == nullptr) {
     TORCH_CHECK(!strict, "turbolm rnn (cuda): capturing the step loop into a CUDA graph failed");
+    count(kGraphFallbacks);
     steps();
     return;
   }
@@ -521,7 +552,9 @@ void run(std::vector<int64_t> key, const Operand& w, bool strict, F& steps) {
   if (same >= kPerShape) {
     slot = lru_same;
     cudaGraphExecUpdateResultInfo info;
-    if (cudaGraphExecUpdate(slot->exec, graph, &info) != cudaSuccess) {
+    if (cudaGraphExecUpdate(slot->exec, graph, &info) == cudaSuccess) {
+      count(kGraphUpdates);
+    } else {
       (void)cudaGetLastError();
       C10_CUDA_CHECK(cudaGraphExecDestroy(slot->exec));  // in-flight launches still complete
       slot->exec = nullptr;
@@ -534,7 +567,9 @@ void run(std::vector<int64_t> key, const Operand& w, bool strict, F& steps) {
     c.entries.emplace_back();
     slot = &c.entries.back();
   }
+  count(kGraphCaptures);
   if (slot->exec == nullptr) {
+    count(kGraphInstantiations);
     const cudaError_t err = cudaGraphInstantiate(&slot->exec, graph, 0);
     if (err != cudaSuccess) {
       (void)cudaGetLastError();
@@ -543,6 +578,7 @@ void run(std::vector<int64_t> key, const Operand& w, bool strict, F& steps) {
       c.entries.erase(c.entries.begin() + (slot - c.entries.data()));
       TORCH_CHECK(!strict, "turbolm rnn (cuda): instantiating the step-loop graph failed: ",
                   cudaGetErrorString(err));
+      count(kGraphFallbacks);
       steps();
       return;
     }
@@ -924,6 +960,7 @@ struct CudaKernels {
       if (!v.persistent || q.H > persistent::kMaxH || q.B == 0) return false;
       if (q.B > std::numeric_limits<int>::max() / q.H) return false;
       const bool launched = persistent::launch(q);
+      count(launched ? kPersistentLaunches : kPersistentRefusals);
       TORCH_CHECK(launched || !v.strict, "turbolm rnn (cuda): the persistent kernel could not ",
                   "be launched for B=", q.B, " H=", q.H, " (not co-resident / no cooperative ",
                   "launch)");
@@ -1007,6 +1044,11 @@ cell_bwd_cuda(const std::optional<at::Tensor>& dh, const std::optional<at::Tenso
 
 }  // namespace
 }  // namespace turbolm::rnn
+
+// Defined here (CUDA builds only): no tensor arguments, so one catch-all kernel.
+TORCH_LIBRARY_FRAGMENT(turbolm, m) {
+  m.def("rnn_cuda_stats() -> int[]", &turbolm::rnn::cuda_stats);
+}
 
 TORCH_LIBRARY_IMPL(turbolm, CUDA, m) {
   m.impl("rnn_layer_fwd", &turbolm::rnn::layer_fwd_cuda);

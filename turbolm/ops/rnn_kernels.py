@@ -110,6 +110,28 @@ def cuda_variant(name: str):
             os.environ[CUDA_VARIANT_ENV] = old
 
 
+CUDA_STATS = (
+    "graph_replays",
+    "graph_warmups",
+    "graph_captures",
+    "graph_updates",
+    "graph_instantiations",
+    "graph_fallbacks",
+    "persistent_launches",
+    "persistent_refusals",
+)
+
+
+def cuda_stats() -> dict[str, int] | None:
+    """Process-wide counters of what the CUDA variants did (``CUDA_STATS``; rnn.cu "Stat"), or
+    None when the loaded extension has no CUDA part. Differences between two reads tell a
+    benchmark whether graphs were replayed or recaptured and whether the persistent kernel ran."""
+    ops = torch.ops.turbolm
+    if not hasattr(ops, "rnn_cuda_stats"):
+        return None
+    return dict(zip(CUDA_STATS, ops.rnn_cuda_stats()))
+
+
 # ---- C++ / CUDA extension --------------------------------------------------------------------
 
 _fakes_registered = False
