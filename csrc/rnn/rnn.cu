@@ -30,7 +30,8 @@
 //               same saved tensors as the loop, so backward is unchanged (see "persistent
 //               forward kernel").
 // Whatever a variant does not cover (projections; padding for the persistent kernel; fp64)
-// runs the plain loop.
+// runs the plain loop. torch.ops.turbolm.rnn_cuda_stats() counts what the variants did
+// (graph replays vs recaptures, persistent launches vs refusals) for benchmarks and tests.
 #include <ATen/core/Tensor.h>
 #include <ATen/Context.h>
 #include <ATen/ops/empty.h>
