@@ -85,8 +85,14 @@ if [ "$QUICK" = 1 ]; then
     gpu_tests pytest_rnn 60 tests/test_rnn_kernels.py tests/test_ops_rnn.py tests/test_nn_rnn.py
     # The first tile config of each list (autotuning every test's shape costs minutes); the
     # benchmark below autotunes and reports its errors against fp64.
-    TURBOLM_AUTOTUNE=0 gpu_tests pytest_attention 80 tests/test_attention_kernels.py
-    gpu_tests pytest_norm 50 tests/test_norm_kernels.py
+    TURBOLM_AUTOTUNE=0 gpu_tests pytest_attention 85 tests/test_attention_kernels.py
+    # The cuda norm kernels (NORM_TESTS="" runs the Triton ones and the tuning-knob /
+    # path-threshold sweeps too: ~340 tests, a few minutes).
+    gpu_tests pytest_norm 50 tests/test_norm_kernels.py -k "${NORM_TESTS-cuda and not knobs and not thresholds}"
+    # The RNN time-loop variants (plain loop, CUDA graph, persistent kernel) at the small sizes.
+    step bench_rnn_variants 40 "$PY" benchmarks/bench_rnn.py --out "$OUT" --name rnn_variants \
+        --no-layernorm --no-error --reps 10 --sizes 32x128x128,32x128x256,256x128x256 \
+        --cuda-variants loop,graph,persistent,persistent+graph --impls turbolm-cuda
     # The small-hidden (<= 256) and large-hidden targets against cuDNN, fp32 and bf16.
     step bench_rnn 45 "$PY" benchmarks/bench_rnn.py --out "$OUT" --no-layernorm --reps 10 \
         --sizes 32x128x256,256x128x256,32x128x1024,256x128x1024
@@ -97,8 +103,8 @@ if [ "$QUICK" = 1 ]; then
     fi
     # The norm target sizes (bf16, 8192x4096 and up); Liger / Apex rows run when their
     # wheels were put in wheels/ (e.g. `pip download liger-kernel --no-deps -d wheels`).
-    step bench_norm 50 "$PY" benchmarks/bench_norm.py --out "$OUT" --sizes 8192x4096,16384x4096 \
-        --backends torch,triton,cuda,liger,apex --budget-s 40
+    step bench_norm 55 "$PY" benchmarks/bench_norm.py --out "$OUT" --sizes 8192x4096,16384x4096 \
+        --backends "${NORM_BACKENDS:-torch,cuda,liger}" --budget-s 45
     # The targets first: head dim 128, causal, seq >= 4k.
     # (sdpa_efficient, ~4x slower than the others at these sizes, is left out to save time.)
     step bench_attention 90 "$PY" benchmarks/bench_attention.py --out "$OUT" --budget-s 75 \
