@@ -88,7 +88,10 @@ if [ "$QUICK" = 1 ]; then
     TURBOLM_AUTOTUNE=0 gpu_tests pytest_attention 85 tests/test_attention_kernels.py
     # The cuda norm kernels (NORM_TESTS="" runs the Triton ones and the tuning-knob /
     # path-threshold sweeps too: ~340 tests, a few minutes).
-    gpu_tests pytest_norm 50 tests/test_norm_kernels.py -k "${NORM_TESTS-cuda and not knobs and not thresholds}"
+    # TURBOLM_NORM_REG=1: the register-resident cuda norm kernels, opt-in until they have passed
+    # here (csrc/norm/norm.cu); the knob test runs the generic path in its own process.
+    TURBOLM_NORM_REG=1 gpu_tests pytest_norm 50 tests/test_norm_kernels.py \
+        -k "${NORM_TESTS-cuda and not thresholds}"
     # The RNN time-loop variants (plain loop, CUDA graph, persistent kernel) at the small sizes.
     step bench_rnn_variants 40 "$PY" benchmarks/bench_rnn.py --out "$OUT" --name rnn_variants \
         --no-layernorm --no-error --reps 10 --sizes 32x128x128,32x128x256,256x128x256 \
@@ -103,8 +106,12 @@ if [ "$QUICK" = 1 ]; then
     fi
     # The norm target sizes (bf16, 8192x4096 and up); Liger / Apex rows run when their
     # wheels were put in wheels/ (e.g. `pip download liger-kernel --no-deps -d wheels`).
-    step bench_norm 55 "$PY" benchmarks/bench_norm.py --out "$OUT" --sizes 8192x4096,16384x4096 \
-        --backends "${NORM_BACKENDS:-torch,cuda,liger}" --budget-s 45
+    TURBOLM_NORM_REG=1 step bench_norm 55 "$PY" benchmarks/bench_norm.py --out "$OUT" \
+        --sizes 8192x4096,16384x4096 --backends "${NORM_BACKENDS:-torch,cuda,liger}" --budget-s 45
+    # The generic cuda path (the default until the register path is verified), for comparison.
+    TURBOLM_NORM_REG=0 step bench_norm_generic 30 "$PY" benchmarks/bench_norm.py --out "$OUT" \
+        --name norm_generic --sizes 8192x4096,16384x4096 --backends cuda --budget-s 20 \
+        --no-kernel-time
     # The targets first: head dim 128, causal, seq >= 4k.
     # (sdpa_efficient, ~4x slower than the others at these sizes, is left out to save time.)
     step bench_attention 90 "$PY" benchmarks/bench_attention.py --out "$OUT" --budget-s 75 \

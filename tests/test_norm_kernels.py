@@ -796,12 +796,13 @@ print("knobs ok")
 @pytest.mark.parametrize(
     "env",
     [
-        {"TURBOLM_NORM_BWD_AHEAD": "2"},
         {"TURBOLM_NORM_REG": "0"},
-        {"TURBOLM_NORM_FWD_VPT": "2", "TURBOLM_NORM_BWD_VPT": "1"},
-        {"TURBOLM_NORM_FWD_VPT": "1", "TURBOLM_NORM_BWD_VPT": "2"},
+        {"TURBOLM_NORM_REG": "1"},
+        {"TURBOLM_NORM_REG": "1", "TURBOLM_NORM_BWD_AHEAD": "2"},
+        {"TURBOLM_NORM_REG": "1", "TURBOLM_NORM_FWD_VPT": "2", "TURBOLM_NORM_BWD_VPT": "1"},
+        {"TURBOLM_NORM_REG": "1", "TURBOLM_NORM_FWD_VPT": "1", "TURBOLM_NORM_BWD_VPT": "2"},
     ],
-    ids=["bwd_ahead_2", "generic_only", "fwd2_bwd1", "fwd1_bwd2"],
+    ids=["generic_only", "register", "bwd_ahead_2", "fwd2_bwd1", "fwd1_bwd2"],
 )
 def test_gpu_cuda_benchmark_knobs(env):
     """The layouts bench_norm can select through the environment (read once per process, so
