@@ -93,9 +93,15 @@ if [ "$QUICK" = 1 ]; then
     TURBOLM_NORM_REG=1 gpu_tests pytest_norm 50 tests/test_norm_kernels.py \
         -k "${NORM_TESTS-cuda and not thresholds}"
     # The RNN time-loop variants (plain loop, CUDA graph, persistent kernel) at the small sizes.
-    step bench_rnn_variants 40 "$PY" benchmarks/bench_rnn.py --out "$OUT" --name rnn_variants \
-        --no-layernorm --no-error --reps 10 --sizes 32x128x128,32x128x256,256x128x256 \
-        --cuda-variants loop,graph,persistent,persistent+graph --impls turbolm-cuda
+    # (All opt-in: TURBOLM_RNN_CUDA_VARIANT; csrc/rnn/rnn.cu. The cuda_paths column shows whether
+    # graphs replayed and the persistent kernel launched.)
+    for dt in float32 bfloat16; do
+        step "bench_rnn_variants_$dt" 40 "$PY" benchmarks/bench_rnn.py --out "$OUT" \
+            --name "rnn_variants_$dt" --dtype "$dt" --no-layernorm --no-error --no-memory \
+            --reps 10 --warmup 3 --cells lstm,gru \
+            --sizes 32x128x128,32x128x256,256x128x128,256x128x256 \
+            --cuda-variants loop,graph,persistent,persistent+graph --impls turbolm-cuda
+    done
     # The small-hidden (<= 256) and large-hidden targets against cuDNN, fp32 and bf16.
     step bench_rnn 45 "$PY" benchmarks/bench_rnn.py --out "$OUT" --no-layernorm --reps 10 \
         --sizes 32x128x256,256x128x256,32x128x1024,256x128x1024
