@@ -303,6 +303,25 @@ def test_gpu_key_splits(num_splits, d):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+@pytest.mark.parametrize("heads,tq", [((3, 1), 1), ((6, 2), 1), ((2, 1), 3), ((5, 1), 2)], ids=str)
+def test_gpu_row_chunk_tails(heads, tq, num_splits):
+    """3, 3, 6 and 10 rows per kv head: the last 4-row block holds fewer live rows (out and
+    lse of every row, direct write and merge) against the fp64 CPU kernel."""
+    gen = torch.Generator().manual_seed(7)
+    (hq, hkv), d = heads, 40
+    q = torch.randn(2, hq, tq, d, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, hkv, 150, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    ref_out, ref_lse = decode_kernels.decode(q, k, v, causal=True)  # cpu, fp64
+    out, lse = decode_kernels.decode(
+        *(t.float().cuda() for t in (q, k, v)), causal=True, num_splits=num_splits
+    )
+    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("num_splits", [0, 2, 5, 64])
 def test_gpu_rows_without_keys(num_splits):
     """More queries than keys (causal): the first rows see no key in any chunk (zeros, lse =
