@@ -561,6 +561,7 @@ def _variant_cases(mode):
         seq_case(mode, 1, False, 5, 6, 33, lengths=True),
         seq_case(mode, 1, False, 70, 9, 256),
         seq_case(mode, 1, False, 300, 3, 128, with_hx=False),
+        seq_case(mode, 1, False, 300, 4, 256),  # the persistent kernel's 4-row-group tiling
         seq_case(mode, 1, False, 3, 5, 257),
     )
 
@@ -569,9 +570,9 @@ def _variant_cases(mode):
 @requires_cuda
 @pytest.mark.parametrize("variant", HARNESS_VARIANTS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
 def test_gpu_cuda_variants(variant, mode, dtype, no_tf32):
-    if dtype == torch.bfloat16 and mode == "rnn_relu":
+    if dtype != torch.float32 and mode == "rnn_relu":
         pytest.skip(RELU_BF16_SKIP)
     repeats = 2 if "graph" in variant else 1
     with rnn_kernels.cuda_variant(variant + ",strict"):

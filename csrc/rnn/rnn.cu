@@ -829,8 +829,10 @@ bool launch_mode(const SeqFwd<float, L>& q) {
       if (smem[r] > static_cast<size_t>(smem_optin)) continue;
       const int64_t grid = unit_tiles * ((q.B + rows[r] - 1) / rows[r]);
       if (pass == 0 && grid > sms) continue;
+      // The device's opt-in maximum, not this call's size: the attribute is per kernel and
+      // process-wide, so another thread launching with a larger H must not be cut short.
       if (cudaFuncSetAttribute(fns[r], cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem[r])) != cudaSuccess) {
+                               smem_optin) != cudaSuccess) {
         (void)cudaGetLastError();
         continue;
       }
