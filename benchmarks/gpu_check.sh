@@ -5,13 +5,18 @@
 #
 #   benchmarks/gpu_check.sh [OUTDIR]        (default: benchmarks/results/h200)
 #
-# Environment: GPU_CHECK_DEADLINE_S=N cuts every step short so the whole run ends within N
-# seconds (the summary and files are still written); GPU_CHECK_ONLY="pytest_decode bench_decode"
-# runs only the steps named (plus the install and the build). GPU_CHECK_QUICK=1 trims every step to fit a ~6 minute device slot (the test
-# step then runs the kernel-op test files only) and packs the benchmark files into
-# OUTDIR/results.tar.gz (the device returns at most a few files). Needs python with torch (CUDA build), triton,
-# ninja, pybind11, nvcc; installs nothing from the network (wheels/*.whl are installed offline
-# first if present). DeepSpeed is not needed.
+# Environment:
+# * GPU_CHECK_DEADLINE_S=N cuts every step short so the whole run ends within N seconds (the
+#   summary and files are still written);
+# * GPU_CHECK_ONLY="pytest_decode bench_decode" runs only the steps named (plus the install and
+#   the build);
+# * GPU_CHECK_QUICK=1 trims every step to fit a ~6 minute device slot (one test step per kernel
+#   family, most wanted first) and packs the benchmark files into OUTDIR/results.tar.gz (the
+#   device returns at most a few files);
+# * GPU_CHECK_PACK_EXT=1 (quick mode) also packs the built extension into OUTDIR/ext.tar.gz, and
+#   GPU_CHECK_EXT_TAR=that file (carried into a later run) skips the rebuild there.
+# Needs python with torch (CUDA build), triton, ninja, pybind11, nvcc; installs nothing from the
+# network (wheels/*.whl are installed offline first if present). DeepSpeed is not needed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/h200}"
@@ -23,6 +28,11 @@ export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export TURBOLM_EXT_DIR="${TURBOLM_EXT_DIR:-/tmp/turbolm-ext}"
 DEADLINE="${GPU_CHECK_DEADLINE_S:-0}"  # 0: no overall limit
+# GPU_CHECK_EXT_TAR=path: the extension an earlier run packed (GPU_CHECK_PACK_EXT=1), carried
+# back in; build_ext then reuses it when the sources' hash still matches (else it rebuilds).
+if [ -n "${GPU_CHECK_EXT_TAR:-}" ] && [ -f "$GPU_CHECK_EXT_TAR" ]; then
+    mkdir -p "$TURBOLM_EXT_DIR" && tar xzf "$GPU_CHECK_EXT_TAR" -C "$TURBOLM_EXT_DIR"
+fi
 ROWS=$(mktemp)
 : > "$ROWS"
 status=0
