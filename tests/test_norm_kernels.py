@@ -824,6 +824,54 @@ def test_gpu_cuda_benchmark_knobs(env):
     )
 
 
+PATH_SCRIPT = """
+import json
+import torch
+from turbolm.ops import layer_norm, norm_kernels
+
+def grads(n):
+    x = torch.randn(64, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer_norm(x, n, w, b, backend="cuda")
+    torch.autograd.grad(y, (x, w, b), torch.randn_like(y))
+
+grads(4096)  # loads the extension
+before = norm_kernels.cuda_stats()
+grads(4096)  # 16-byte vectors, N within the register path's limits
+grads(4097)  # N not a multiple of the vector width: always the generic path
+after = norm_kernels.cuda_stats()
+print("PATHS" + json.dumps({k: after[k] - before[k] for k in after}))
+"""
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("reg", ["0", "1"])
+def test_gpu_cuda_path_taken(reg):
+    """TURBOLM_NORM_REG=1 sends an eligible row length to the register kernels (forward and
+    backward) and an odd one to the generic kernels; without it everything stays generic."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-c", PATH_SCRIPT],
+        env={**os.environ, "TURBOLM_NORM_REG": reg},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0 and "PATHS" in result.stdout, result.stderr[-4000:]
+    did = json.loads(result.stdout.split("PATHS", 1)[1])
+    on = int(reg)
+    assert did == {
+        "fwd_register": on, "fwd_generic": 2 - on, "bwd_register": on, "bwd_generic": 2 - on,
+    }, did  # fmt: skip
+
+
 # ---- convergence: a small Transformer trained with the cpu kernels vs the reference ------------
 
 

@@ -781,6 +781,24 @@ const Tuning& tuning() {
   return t;
 }
 
+// Which path each launch took, process-wide (torch.ops.turbolm.norm_cuda_stats(), in this
+// order; norm_kernels.cuda_stats() names them): lets the GPU tests check that the register
+// path really ran where it should (and only when TURBOLM_NORM_REG=1).
+enum PathStat : int { kFwdRegister, kFwdGeneric, kBwdRegister, kBwdGeneric, kNumPathStats };
+
+std::atomic<int64_t>* path_stats() {
+  static std::atomic<int64_t> counters[kNumPathStats] = {};
+  return counters;
+}
+
+void count(PathStat s) { path_stats()[s].fetch_add(1, std::memory_order_relaxed); }
+
+std::vector<int64_t> cuda_stats() {
+  std::vector<int64_t> out(kNumPathStats);
+  for (int i = 0; i < kNumPathStats; ++i) out[i] = path_stats()[i].load(std::memory_order_relaxed);
+  return out;
+}
+
 // Register path layouts (vpt == 0: the row is too long, use the generic path).
 struct RegPlan {
   int vpt = 0, tpr = 0, rpb = 0;
@@ -835,8 +853,10 @@ void launch_fwd(const T* x, const T* w, const T* b, T* y, acc_t* mean, acc_t* rs
     kernel<<<grid, dim3(plan.tpr, plan.rpb), 0, stream>>>(x, w, b, y, mean, rstd, rows, n, eps,
                                                           rms);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    count(kFwdRegister);
     return;
   }
+  count(kFwdGeneric);
   const RowLaunch l = row_launch(rows, n, vec, device);
   if (vec == kVec) {
     norm_fwd_kernel<T, acc_t, kVec>
@@ -915,7 +935,9 @@ void launch_bwd(const BwdPlan& plan, const T* dy, const T* x, const T* w, const 
              stream>>>(dy, x, w, mean, rstd, dx, dw ? partial_w : nullptr,
                        db ? partial_b : nullptr, rows, n, plan.rows_per_chunk, plan.chunks, rms);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    count(kBwdRegister);
   } else {
+    count(kBwdGeneric);
     if (rows > 0) {
       const RowLaunch l = row_launch(rows, n, vec, device);
       if (vec == kVec) {
@@ -1043,6 +1065,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const
 
 }  // namespace
 }  // namespace turbolm::norm
+
+// Defined here (CUDA builds only): no tensor arguments, so one catch-all kernel.
+TORCH_LIBRARY_FRAGMENT(turbolm, m) {
+  m.def("norm_cuda_stats() -> int[]", &turbolm::norm::cuda_stats);
+}
 
 TORCH_LIBRARY_IMPL(turbolm, CUDA, m) {
   m.impl("layer_norm_fwd", &turbolm::norm::layer_norm_fwd_cuda);

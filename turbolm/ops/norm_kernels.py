@@ -229,6 +229,20 @@ def _cuda_supports(x, weight=None, bias=None, auto=False, **_) -> str | None:
     return None
 
 
+# Names of torch.ops.turbolm.norm_cuda_stats()'s counters (csrc/norm/norm.cu "PathStat").
+CUDA_PATH_STATS = ("fwd_register", "fwd_generic", "bwd_register", "bwd_generic")
+
+
+def cuda_stats() -> dict[str, int] | None:
+    """Process-wide counts of the cuda backend's launches by path (register-resident kernels,
+    ``TURBOLM_NORM_REG=1``, or the generic ones), or None when the loaded extension has no CUDA
+    part (or is not loaded). Differences between two reads tell which path a call took."""
+    ops = torch.ops.turbolm
+    if not hasattr(ops, "norm_cuda_stats"):
+        return None
+    return dict(zip(CUDA_PATH_STATS, ops.norm_cuda_stats()))
+
+
 def _ext_ln_fwd(x, weight, bias, *, eps):
     y, mean, rstd = _ext_call("layer_norm_fwd", x, weight, bias, eps)
     return y, x, weight, bias, mean, rstd
