@@ -283,6 +283,18 @@ def test_gpu_odd_head_dims(d, heads):
     check_backend(decode_case(1, 700, heads, d), "cuda", torch.float16, "cuda")
 
 
+def _cuda_matches_cpu_fp64(q, k, v, num_splits, **kw):
+    """The CUDA kernel in fp32 on ``q, k, v`` (fp64, CPU) with ``num_splits`` key chunks: out
+    and lse within 1e-5 of the fp64 CPU kernel's. Returns the CUDA (out, lse)."""
+    ref_out, ref_lse = decode_kernels.decode(q, k, v, **kw)  # cpu, fp64
+    out, lse = decode_kernels.decode(
+        *(t.float().cuda() for t in (q, k, v)), num_splits=num_splits, **kw
+    )
+    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=0, atol=1e-5)
+    return out, lse
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("d", [64, 33])
@@ -293,12 +305,7 @@ def test_gpu_key_splits(num_splits, d):
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(1, 2, 6, d, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(1, 1, 300, d, generator=gen, dtype=torch.float64) for _ in range(2))
-    ref_out, ref_lse = decode_kernels.decode(q, k, v, causal=True)  # cpu, fp64
-    out, lse = decode_kernels.decode(
-        *(t.float().cuda() for t in (q, k, v)), causal=True, num_splits=num_splits
-    )
-    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=0, atol=1e-5)
-    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=0, atol=1e-5)
+    _cuda_matches_cpu_fp64(q, k, v, num_splits, causal=True)
 
 
 @pytest.mark.gpu
@@ -312,12 +319,7 @@ def test_gpu_row_chunk_tails(heads, tq, num_splits):
     (hq, hkv), d = heads, 40
     q = torch.randn(2, hq, tq, d, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(2, hkv, 150, d, generator=gen, dtype=torch.float64) for _ in range(2))
-    ref_out, ref_lse = decode_kernels.decode(q, k, v, causal=True)  # cpu, fp64
-    out, lse = decode_kernels.decode(
-        *(t.float().cuda() for t in (q, k, v)), causal=True, num_splits=num_splits
-    )
-    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=0, atol=1e-5)
-    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=0, atol=1e-5)
+    _cuda_matches_cpu_fp64(q, k, v, num_splits, causal=True)
 
 
 @pytest.mark.gpu
@@ -329,13 +331,8 @@ def test_gpu_rows_without_keys(num_splits):
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 2, 6, 16, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(1, 1, 4, 16, generator=gen, dtype=torch.float64) for _ in range(2))
-    ref_out, ref_lse = decode_kernels.decode(q, k, v, causal=True)  # cpu, fp64
-    out, lse = decode_kernels.decode(
-        *(t.float().cuda() for t in (q, k, v)), causal=True, num_splits=num_splits
-    )
+    out, lse = _cuda_matches_cpu_fp64(q, k, v, num_splits, causal=True)
     assert torch.isneginf(lse[..., :2]).all() and (out[..., :2, :] == 0).all()
-    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=0, atol=1e-5)
-    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=0, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -348,12 +345,7 @@ def test_gpu_window_many_empty_chunks(window, num_splits):
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(2, 8, 3, 128, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(2, 2, 5000, 128, generator=gen, dtype=torch.float64) for _ in range(2))
-    ref_out, ref_lse = decode_kernels.decode(q, k, v, causal=False, window=window)
-    out, lse = decode_kernels.decode(
-        *(t.float().cuda() for t in (q, k, v)), causal=False, window=window, num_splits=num_splits
-    )
-    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=0, atol=1e-5)
-    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=0, atol=1e-5)
+    _cuda_matches_cpu_fp64(q, k, v, num_splits, causal=False, window=window)
 
 
 def _grouped_reference(q, k, v):
