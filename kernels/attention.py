@@ -80,8 +80,9 @@ POISON = False
 # Tile of the delta preprocessing kernel (rows per program).
 PRE_BLOCK_M = 16 if INTERPRET else 64
 # The kernels read the tiles they stream (forward: K / V; dK / dV: Q / dO) through
-# device-side tensor descriptors (TMA, sm_90+) when the tensors allow it. Off by default until the H200 benchmark shows it wins
-# (``TURBOLM_ATTN_TMA=1`` or this flag; bench_attention's ``turbolm_triton_tma`` provider).
+# device-side tensor descriptors (TMA, sm_90+) when the tensors allow it. Off by default
+# until the H200 benchmark shows it wins (``TURBOLM_ATTN_TMA=1`` or this flag;
+# bench_attention's ``turbolm_triton_tma`` provider).
 TMA = _env_flag("TURBOLM_ATTN_TMA")
 
 
