@@ -1,0 +1,465 @@
+"""``turbolm.patching``: plain PyTorch models and ``transformers`` models patched in place.
+
+Every patched model is compared with an unpatched deep copy: outputs, every parameter's
+gradient, greedy generation; a spy on the op registry proves the patched modules really run
+turbolm's ops (and through which backend); revert restores the original classes and
+attention function.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton on CPU tensors: the interpreter (before importing it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import turbolm  # noqa: E402
+import turbolm.nn as tnn  # noqa: E402
+from turbolm.errors import InputError  # noqa: E402
+from turbolm.ops import registry  # noqa: E402
+from turbolm.patching import (  # noqa: E402
+    FAMILIES,
+    apply_turbolm,
+    apply_turbolm_to_gpt2,
+    apply_turbolm_to_llama,
+    revert_turbolm,
+)
+from turbolm.patching import hf as hf_patching  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Every (op, backend) the registry selects while the test runs."""
+    calls: list[tuple[str, str]] = []
+    select = registry.select
+
+    def spy(op, *args, **kwargs):
+        chosen = select(op, *args, **kwargs)
+        calls.append((op, chosen.name))
+        return chosen
+
+    monkeypatch.setattr(registry, "select", spy)
+    return calls
+
+
+def assert_grads_match(patched: torch.nn.Module, original: torch.nn.Module, atol=1e-5):
+    named = dict(original.named_parameters())
+    for name, param in patched.named_parameters():
+        ref = named[name].grad
+        if ref is None:
+            assert param.grad is None or not param.grad.any(), name
+            continue
+        assert param.grad is not None, f"{name}: no gradient after patching"
+        torch.testing.assert_close(param.grad, ref, atol=atol, rtol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain PyTorch
+
+
+class CustomNorm(torch.nn.LayerNorm):
+    """A user subclass with its own forward: must be left alone."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class PlainNet(torch.nn.Module):
+    """Every torch.nn module kind turbolm has a twin of, plus one it must not touch."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(5, 8)
+        self.ln = torch.nn.LayerNorm(8)
+        self.ln_plain = torch.nn.LayerNorm(8, elementwise_affine=False)
+        self.rms = torch.nn.RMSNorm(8, eps=1e-6)
+        self.lstm = torch.nn.LSTM(8, 6, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = torch.nn.GRU(12, 5, batch_first=True)
+        self.rnn = torch.nn.RNN(5, 4, nonlinearity="relu", batch_first=True)
+        self.lstm_cell = torch.nn.LSTMCell(4, 3)
+        self.gru_cell = torch.nn.GRUCell(3, 3)
+        self.rnn_cell = torch.nn.RNNCell(3, 2)
+        self.custom = CustomNorm(2)
+
+    def forward(self, x):  # x (B, T, 5)
+        h = self.rms(self.ln_plain(self.ln(self.embed(x))))
+        h, _ = self.lstm(h)
+        h, _ = self.gru(h)
+        h, _ = self.rnn(h)
+        last = h[:, -1]
+        hc, cc = self.lstm_cell(last)
+        g = self.gru_cell(hc)
+        return self.custom(self.rnn_cell(g))
+
+
+PLAIN_SWAPPED = {
+    "ln": tnn.LayerNorm,
+    "ln_plain": tnn.LayerNorm,
+    "rms": tnn.RMSNorm,
+    "lstm": tnn.LSTM,
+    "gru": tnn.GRU,
+    "rnn": tnn.RNN,
+    "lstm_cell": tnn.LSTMCell,
+    "gru_cell": tnn.GRUCell,
+    "rnn_cell": tnn.RNNCell,
+}
+
+
+def plain_pair(seed=0):
+    torch.manual_seed(seed)
+    model = PlainNet()
+    return model, copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_plain_model_outputs_and_gradients_match(backend, op_calls):
+    model, original = plain_pair()
+    report = apply_turbolm(model)
+    x = torch.randn(3, 7, 5)
+    expected = original(x)
+    expected.square().sum().backward()
+    with turbolm.use_backend(backend):
+        out = model(x)
+        out.square().sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    assert_grads_match(model, original)
+    ops = {op for op, chosen in op_calls if chosen == backend}
+    assert {"layer_norm", "rms_norm", "lstm", "gru", "rnn"} <= ops, op_calls
+    assert {"lstm_cell", "gru_cell", "rnn_cell"} <= ops, op_calls
+    assert report.count("norm") == 3 and report.count("rnn") == 6
+
+
+def test_plain_model_classes_parameters_and_report():
+    model, _ = plain_pair()
+    params_before = {name: p for name, p in model.named_parameters()}
+    keys_before = list(model.state_dict())
+    report = apply_turbolm(model)
+    for name, cls in PLAIN_SWAPPED.items():
+        assert type(getattr(model, name)) is cls, name
+    assert type(model.custom) is CustomNorm
+    assert [name for name, _ in report.skipped] == ["custom"]
+    assert "CustomNorm" in report.skipped[0][1]
+    # Same parameter objects, same state_dict keys: optimizer state and checkpoints carry over.
+    assert all(p is params_before[name] for name, p in model.named_parameters())
+    assert list(model.state_dict()) == keys_before
+    text = str(report)
+    assert "norm 3, rnn 6" in text and "lstm_cell (LSTMCell)" in text
+
+
+def test_plain_model_patch_is_idempotent_and_reverts():
+    model, _ = plain_pair()
+    first = apply_turbolm(model)
+    second = apply_turbolm(model)
+    assert first.count() == 9 and second.count() == 0
+    assert revert_turbolm(model) == 9
+    for name in PLAIN_SWAPPED:
+        module = getattr(model, name)
+        assert (
+            type(module).__module__ == "torch.nn.modules." + type(module).__module__.split(".")[-1]
+        )
+        assert "_turbolm_original_class" not in module.__dict__
+    assert revert_turbolm(model) == 0
+
+
+def test_plain_model_kinds_can_be_turned_off():
+    model, _ = plain_pair()
+    report = apply_turbolm(model, rnn=False)
+    assert report.count("rnn") == 0 and report.count("norm") == 3
+    assert type(model.lstm) is torch.nn.LSTM and type(model.ln) is tnn.LayerNorm
+
+
+def test_optimizer_created_before_patching_keeps_training():
+    model, original = plain_pair()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(original.parameters(), lr=1e-2)
+    x = torch.randn(2, 4, 5)
+    for step in range(3):
+        if step == 1:
+            apply_turbolm(model)  # mid-training: the optimizer's parameters are the same objects
+        for m, o in ((model, opt), (original, ref_opt)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for (name, p), q in zip(model.named_parameters(), original.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_patched_model_deepcopies_and_pickles():
+    model, _ = plain_pair()
+    apply_turbolm(model)
+    x = torch.randn(2, 4, 5)
+    expected = model(x)
+    clone = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # our own bytes, written just above
+    unpickled = pickle.loads(pickle.dumps(model))
+    for other in (clone, loaded, unpickled):
+        assert type(other.lstm) is tnn.LSTM
+        torch.testing.assert_close(other(x), expected)
+        assert revert_turbolm(other) == 9
+
+
+def test_bad_arguments_are_typed_errors():
+    with pytest.raises(InputError, match="torch.nn.Module"):
+        apply_turbolm("model")
+    with pytest.raises(InputError, match="norm must be True or False"):
+        apply_turbolm(torch.nn.Linear(2, 2), norm="yes")
+    with pytest.raises(InputError, match="torch.nn.Module"):
+        revert_turbolm(None)
+    with pytest.raises(InputError, match="expects a transformers 'llama' model"):
+        apply_turbolm_to_llama(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers models
+
+# Tiny random models, built from configs (nothing is downloaded). head_dim 32: the smallest
+# head dim the triton kernels take.
+_COMMON = {
+    "vocab_size": 97,
+    "hidden_size": 128,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def tiny_hf_model(family: str, **overrides):
+    """(model in eval mode, its config), randomly initialised under a fixed seed; the norms get
+    random weights so a wrong RMSNorm formula cannot hide behind ones / zeros."""
+    t = transformers
+    builders = {
+        "llama": (t.LlamaConfig, t.LlamaForCausalLM, {}),
+        "mistral": (t.MistralConfig, t.MistralForCausalLM, {"sliding_window": 5}),
+        "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM, {}),
+        "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM, {"head_dim": 32}),
+        "gemma": (t.GemmaConfig, t.GemmaForCausalLM, {"head_dim": 32}),
+        "gemma2": (t.Gemma2Config, t.Gemma2ForCausalLM, {"head_dim": 32}),
+        "phi3": (t.Phi3Config, t.Phi3ForCausalLM, {}),
+    }
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = t.GPT2Config(
+            vocab_size=97, n_embd=128, n_layer=2, n_head=4, n_positions=64,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides,
+        )  # fmt: skip
+        model = t.GPT2LMHeadModel(config)
+    else:
+        config_cls, model_cls, extra = builders[family]
+        config = config_cls(**{**_COMMON, **extra, **overrides})
+        model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def ids_and_padding(batch=2, length=12, pad=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :pad] = 0  # left padding in the first row
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_family_logits_and_gradients_match(family, op_calls):
+    model = tiny_hf_model(family)
+    original = copy.deepcopy(model)
+    report = apply_turbolm(model)
+    assert report.count("norm") == 2 * 2 + 1 + (4 if family == "qwen3" else 0)
+    assert report.count("attention") == 1 and report.attention_before == "sdpa"
+    assert model.config._attn_implementation == "turbolm" and not report.skipped
+    ids, mask = ids_and_padding()
+    for padding in (None, mask):
+        model.zero_grad()
+        original.zero_grad()
+        out = model(ids, attention_mask=padding, labels=ids)
+        ref = original(ids, attention_mask=padding, labels=ids)
+        keep = slice(None) if padding is None else padding.bool()
+        torch.testing.assert_close(out.logits[keep], ref.logits[keep], atol=2e-5, rtol=1e-4)
+        out.loss.backward()
+        ref.loss.backward()
+        assert_grads_match(model, original, atol=2e-5)
+    norm_op = "layer_norm" if family == "gpt2" else "rms_norm"
+    assert {op for op, _ in op_calls} >= {norm_op, "attention"}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_hf_greedy_generation_matches(family, cache, padded, op_calls):
+    """Unpadded prompts give no mask at all: the causal rule alone (with a static cache, keys
+    beyond the prompt exist during prefill and must not be seen)."""
+    model = tiny_hf_model(family)
+    original = copy.deepcopy(model)
+    apply_turbolm(model)
+    ids, mask = ids_and_padding(length=8, pad=3 if padded else 0)
+    options = {"max_new_tokens": 6, "do_sample": False, "attention_mask": mask}
+    if cache == "static":
+        options["cache_implementation"] = "static"
+    expected = original.generate(ids, **options)
+    got = model.generate(ids, **options)
+    assert torch.equal(got, expected)
+    assert any(op == "attention" for op, _ in op_calls)
+
+
+def test_hf_attention_uses_the_triton_kernels(op_calls):
+    """The patched attention and RMSNorm on the triton backend (interpreter here): the kernels
+    take transformers' (B, H, T, D) tensors, GQA and the causal rule."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU")
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    model = tiny_hf_model("llama", num_hidden_layers=1).to(device)
+    original = copy.deepcopy(model)
+    apply_turbolm(model)
+    ids = torch.randint(3, 97, (2, 17), device=device)
+    with turbolm.use_backend("attention=triton,rms_norm=triton"):
+        out = model(ids, labels=ids)
+        out.loss.backward()
+    ref = original(ids, labels=ids)
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-3)
+    assert_grads_match(model, original, atol=1e-4)
+    assert ("attention", "triton") in op_calls and ("rms_norm", "triton") in op_calls
+
+
+def test_hf_dropout_reaches_the_op(monkeypatch):
+    model = tiny_hf_model("llama", attention_dropout=0.25)
+    apply_turbolm(model)
+    seen = []
+    real = hf_patching.attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_patching, "attention", spy)
+    ids, _ = ids_and_padding()
+    model(ids)
+    model.train()
+    model(ids)
+    assert seen == [0.0, 0.0, 0.25, 0.25]
+
+
+def test_hf_revert_restores_classes_and_attention():
+    model = tiny_hf_model("qwen3")
+    before = {name: type(m) for name, m in model.named_modules()}
+    apply_turbolm(model)
+    norm = model.model.layers[0].input_layernorm
+    assert isinstance(norm, transformers.models.qwen3.modeling_qwen3.Qwen3RMSNorm)
+    assert type(norm).__name__ == "TurbolmQwen3RMSNorm"
+    assert revert_turbolm(model) == 10
+    assert {name: type(m) for name, m in model.named_modules()} == before
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_hf_patched_checkpoint_loads_unpatched(tmp_path):
+    model = tiny_hf_model("llama")
+    apply_turbolm(model)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config._attn_implementation != "turbolm"
+    ids, mask = ids_and_padding()
+    torch.testing.assert_close(
+        loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
+        atol=2e-5, rtol=1e-4,
+    )  # fmt: skip
+
+
+def test_hf_softcapped_attention_is_left_alone():
+    model = tiny_hf_model("gemma2")
+    report = apply_turbolm(model)
+    assert report.count("attention") == 0 and report.count("norm") > 0
+    assert report.skipped == [
+        ("<attention>", "config.attn_logit_softcapping is set; turbolm attention has no logit "
+         "soft-capping"),
+    ]  # fmt: skip
+    assert model.config._attn_implementation != "turbolm"
+
+
+def test_hf_attention_refuses_unsupported_arguments():
+    model = tiny_hf_model("llama")
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, 32)
+    k = v = torch.randn(1, 2, 3, 32)
+    with pytest.raises(InputError, match="'softcap'"):
+        hf_patching.turbolm_attention_forward(attn, q, k, v, None, softcap=30.0)
+    with pytest.warns(UserWarning, match="no attention weights"):
+        out, weights = hf_patching.turbolm_attention_forward(
+            attn, q, k, v, None, output_attentions=True
+        )
+    assert out.shape == (1, 3, 4, 32) and weights is None
+
+
+def test_hf_rmsnorm_mixed_dtype_takes_the_original_forward():
+    model = tiny_hf_model("llama")
+    apply_turbolm(model)
+    norm = model.model.norm
+    x = torch.randn(2, 3, 128, dtype=torch.bfloat16)
+    base = type(norm).__mro__[1]
+    torch.testing.assert_close(norm(x), base.forward(norm, x), atol=0, rtol=0)
+    assert norm(x).dtype == torch.float32  # transformers' promotion, kept
+
+
+def test_hf_rmsnorm_with_another_formula_is_skipped():
+    class OddRMSNorm(torch.nn.Module):
+        """Looks like an RMSNorm, computes something else."""
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return x * self.weight
+
+    OddRMSNorm.__module__ = "transformers.models.fake.modeling_fake"
+    model = tiny_hf_model("llama")
+    model.model.norm = OddRMSNorm()
+    report = apply_turbolm(model)
+    assert report.skipped == [
+        ("model.norm", "OddRMSNorm: its forward matches neither RMSNorm formula turbolm implements")
+    ]
+    assert type(model.model.norm) is OddRMSNorm
+
+
+def test_hf_family_patcher_checks_the_family():
+    model = tiny_hf_model("llama")
+    with pytest.raises(InputError, match="expects a transformers 'gpt2' model.*got 'llama'"):
+        apply_turbolm_to_gpt2(model)
+    assert apply_turbolm_to_llama(model).count() == 6
+
+
+def test_hf_patched_model_bf16_close_to_original():
+    """16-bit: turbolm rounds once where transformers rounds twice; logits stay close."""
+    model = tiny_hf_model("llama").to(torch.bfloat16)
+    original = copy.deepcopy(model)
+    apply_turbolm(model)
+    ids, mask = ids_and_padding()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(ids, attention_mask=mask).logits.float()
+        ref = original(ids, attention_mask=mask).logits.float()
+    keep = mask.bool()
+    assert (out[keep] - ref[keep]).abs().max() < 0.05 * ref[keep].abs().max()

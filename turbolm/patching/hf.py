@@ -1,0 +1,282 @@
+"""Hugging Face ``transformers`` models: their RMSNorm modules and their attention.
+
+**RMSNorm.** Every family defines its own RMSNorm class (``LlamaRMSNorm``, ``Qwen2RMSNorm``,
+``GemmaRMSNorm``, ...). Two formulas cover them, with ``n = x * rsqrt(mean(x^2) + eps)`` in fp32:
+
+* ``scaled``: ``weight * n.to(x.dtype)`` (Llama, Mistral, Qwen2/3, Phi-3, ...; eps in
+  ``variance_epsilon``);
+* ``offset``: ``(n * (1 + weight)).to(x.dtype)`` (Gemma; eps in ``eps``; weight stored as
+  the offset from 1).
+
+A module is patched only after a probe shows that its class's own ``forward`` computes one of
+them: on CPU, in fp32, with a random weight, the original ``forward`` and the formula must
+agree (once per class). A class that matches neither, or that has no 1-D ``weight``, is left
+alone and reported. The patched module's class becomes a subclass of its own class (so every
+``isinstance`` check in ``transformers`` still holds) whose ``forward`` calls
+``turbolm.ops.rms_norm``. Inputs whose dtype differs from the weight's (an fp32 weight under
+autocast) take the original ``forward``: ``transformers`` returns the promoted dtype there,
+which a same-dtype kernel does not. turbolm's kernels round once, at the end, where
+``scaled`` rounds ``n`` to the input dtype before multiplying by the weight, so 16-bit outputs
+can differ from the original in the last bit; ``offset`` forms ``1 + weight`` in the input's
+dtype.
+
+**Attention.** ``transformers`` looks a model's attention function up by
+``config._attn_implementation`` in its ``AttentionInterface``. turbolm registers
+:func:`turbolm_attention_forward` there under the name ``"turbolm"``, with SDPA's mask builder
+(so padding, packed sequences and sliding windows arrive as the same boolean masks SDPA gets,
+and no mask at all where causal alignment suffices), and switches the model to it with
+``model.set_attn_implementation("turbolm")``; reverting switches back.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from turbolm.errors import InputError
+from turbolm.ops.attention import attention
+from turbolm.ops.norm import rms_norm
+from turbolm.patching.torch_modules import is_swapped, swap_class
+
+ATTN_NAME = "turbolm"
+
+# Keyword arguments some families pass to their attention function that turbolm's attention
+# does not implement. A non-None value is refused rather than silently ignored.
+UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
+
+# Config fields that mean the family's attention needs one of the features above.
+UNSUPPORTED_CONFIG_FIELDS = ("attn_logit_softcapping",)
+
+
+def is_hf_model(model: torch.nn.Module) -> bool:
+    """True for a ``transformers.PreTrainedModel`` (without importing transformers)."""
+    return any(
+        c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
+        for c in type(model).__mro__
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+def _forward_scaled(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``weight * normalize(x)`` (Llama-style RMSNorm); x (..., N) -> (..., N), x's dtype."""
+    weight = self.weight
+    if weight.dtype != hidden_states.dtype:
+        return self._turbolm_base.forward(self, hidden_states)
+    eps = getattr(self, self._turbolm_eps_attr)
+    return rms_norm(hidden_states, (weight.shape[-1],), weight, eps)
+
+
+def _forward_offset(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``(1 + weight) * normalize(x)`` (Gemma-style RMSNorm); x (..., N) -> (..., N), x's dtype."""
+    weight = self.weight
+    if weight.dtype != hidden_states.dtype:
+        return self._turbolm_base.forward(self, hidden_states)
+    eps = getattr(self, self._turbolm_eps_attr)
+    return rms_norm(hidden_states, (weight.shape[-1],), 1.0 + weight, eps)
+
+
+_STYLES = {"scaled": _forward_scaled, "offset": _forward_offset}
+
+# Original RMSNorm class -> its patched subclass, or the reason it cannot be patched.
+_PATCHED_CLASSES: dict[type, type | str] = {}
+
+
+def _eps_attr(module: torch.nn.Module) -> str | None:
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if isinstance(value, float | int) and not isinstance(value, bool):
+            return name
+    return None
+
+
+def _probe_style(cls: type, module: torch.nn.Module, eps_attr: str) -> str | None:
+    """Which formula ``cls.forward`` computes, on a CPU fp32 probe; None if neither."""
+    n = module.weight.shape[-1]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, n, generator=gen) * 3.0
+    weight = torch.randn(n, generator=gen)
+    eps = float(getattr(module, eps_attr))
+    probe = cls.__new__(cls)
+    probe.__dict__.update(module.__dict__)
+    probe._parameters = {"weight": torch.nn.Parameter(weight)}
+    probe._buffers = {}
+    probe._modules = {}
+    try:
+        with torch.no_grad():
+            expected = cls.forward(probe, x)
+    except Exception:  # noqa: BLE001 - a forward we cannot run is one we do not patch
+        return None
+    if not isinstance(expected, torch.Tensor) or expected.shape != x.shape:
+        return None
+    candidates = {"scaled": weight, "offset": 1.0 + weight}
+    for style, w in candidates.items():
+        got = rms_norm(x, (n,), w, eps, backend="reference")
+        if torch.allclose(got, expected.float(), rtol=1e-5, atol=1e-5):
+            return style
+    return None
+
+
+def patched_rmsnorm_class(module: torch.nn.Module) -> type | str:
+    """The patched subclass for ``module``'s class, or why it cannot be patched."""
+    cls = type(module)
+    known = _PATCHED_CLASSES.get(cls)
+    if known is not None:
+        return known
+    weight = getattr(module, "weight", None)
+    eps_attr = _eps_attr(module)
+    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1 or weight.numel() == 0:
+        result: type | str = "no 1-D weight parameter"
+    elif eps_attr is None:
+        result = "no numeric variance_epsilon / eps attribute"
+    else:
+        style = _probe_style(cls, module, eps_attr)
+        if style is None:
+            result = "its forward matches neither RMSNorm formula turbolm implements"
+        else:
+            result = type(
+                f"Turbolm{cls.__name__}",
+                (cls,),
+                {
+                    "forward": _STYLES[style],
+                    "__module__": __name__,
+                    "__doc__": f"{cls.__name__} running turbolm.ops.rms_norm ({style}).",
+                    "_turbolm_base": cls,
+                    "_turbolm_eps_attr": eps_attr,
+                    "_turbolm_style": style,
+                },
+            )
+            # Importable by name, so a patched model can be pickled within this process.
+            globals()[result.__name__] = result
+    _PATCHED_CLASSES[cls] = result
+    return result
+
+
+def _is_rmsnorm_candidate(module: torch.nn.Module) -> bool:
+    cls = type(module)
+    return (
+        cls.__name__.endswith("RMSNorm")
+        and cls.__module__.startswith("transformers.")
+        and not is_swapped(module)
+    )
+
+
+def patch_rmsnorms(model: torch.nn.Module, report) -> None:
+    """Swap every patchable transformers RMSNorm of ``model`` (see the module docstring)."""
+    for name, module in model.named_modules():
+        if not _is_rmsnorm_candidate(module):
+            continue
+        target = patched_rmsnorm_class(module)
+        if isinstance(target, str):
+            report.add_skipped(name, f"{type(module).__name__}: {target}")
+            continue
+        original = type(module).__name__
+        swap_class(module, target)
+        report.add_patched("norm", name, original)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+def turbolm_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The ``transformers`` attention-function contract on ``turbolm.ops.attention``.
+
+    query (B, Hq, Tq, D), key / value (B, Hkv, Tk, D) with ``Hq % Hkv == 0``;
+    ``attention_mask`` None or boolean, broadcastable to (B, Hq, Tq, Tk), True = may attend
+    (SDPA's mask builder). Returns ((B, Tq, Hq, D) contiguous, None): no attention weights.
+
+    The causal rule is SDPA's: without a mask, more than one query row and a causal module
+    means causal attention, and when the keys outnumber the queries (the first prefill of a
+    static cache) only the first Tq keys count; one query row attends to every key.
+    """
+    for name in UNSUPPORTED_ATTENTION_KWARGS:
+        if kwargs.get(name) is not None:
+            raise InputError(
+                f"turbolm attention does not support {name!r} (passed by "
+                f"{type(module).__name__}); load the model with attn_implementation='eager' "
+                "or 'sdpa' instead"
+            )
+    if kwargs.get("output_attentions"):
+        warnings.warn(
+            "turbolm attention returns no attention weights (output_attentions=True gives None)",
+            stacklevel=2,
+        )
+    q_len = query.shape[2]
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    causal = bool(is_causal) and attention_mask is None and q_len > 1
+    if causal and key.shape[2] > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    out = attention(
+        query, key, value, causal=causal, dropout_p=dropout, attn_mask=attention_mask, scale=scaling
+    )  # (B, Hq, Tq, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Register ``"turbolm"`` in transformers' attention and attention-mask interfaces."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, turbolm_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _attention_refusal(model) -> str | None:
+    """Why ``model``'s attention cannot run on turbolm's, or None."""
+    try:
+        from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
+    except ImportError:
+        return "this transformers has no AttentionMaskInterface (tested with 5.x)"
+    if not hasattr(model, "set_attn_implementation"):
+        return "this transformers has no set_attn_implementation (tested with 5.x)"
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():
+        return (
+            f"{type(model).__name__} does not dispatch attention through transformers' "
+            "AttentionInterface"
+        )
+    configs = [model.config] + [
+        getattr(model.config, name)
+        for name in getattr(model.config, "sub_configs", {})
+        if getattr(model.config, name, None) is not None
+    ]
+    for config in configs:
+        for field in UNSUPPORTED_CONFIG_FIELDS:
+            if getattr(config, field, None) is not None:
+                return f"config.{field} is set; turbolm attention has no logit soft-capping"
+    return None
+
+
+def patch_attention(model, report) -> None:
+    """Switch ``model`` (and its sub-models) to the ``"turbolm"`` attention function."""
+    current = model.config._attn_implementation
+    if current == ATTN_NAME:
+        return
+    reason = _attention_refusal(model)
+    if reason is not None:
+        report.add_skipped("<attention>", reason)
+        return
+    register_attention()
+    model.set_attn_implementation(ATTN_NAME)
+    report.attention_before = current
+    report.add_patched("attention", "<attention>", f"attn_implementation {current!r}")
+
+
+def revert_attention(model, before: str | None) -> None:
+    if before is not None and model.config._attn_implementation == ATTN_NAME:
+        model.set_attn_implementation(before)
