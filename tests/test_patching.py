@@ -22,8 +22,9 @@ if not torch.cuda.is_available():  # Triton on CPU tensors: the interpreter (bef
 
 import turbolm  # noqa: E402
 import turbolm.nn as tnn  # noqa: E402
-from turbolm.errors import InputError  # noqa: E402
+from turbolm.errors import BackendError, InputError  # noqa: E402
 from turbolm.ops import registry  # noqa: E402
+from turbolm.ops.attention import visible_mask  # noqa: E402
 from turbolm.patching import (  # noqa: E402
     FAMILIES,
     apply_turbolm,
@@ -463,3 +464,136 @@ def test_hf_patched_model_bf16_close_to_original():
         ref = original(ids, attention_mask=mask).logits.float()
     keep = mask.bool()
     assert (out[keep] - ref[keep]).abs().max() < 0.05 * ref[keep].abs().max()
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks on a backend that takes none (triton): padding and sliding windows become varlen / window
+
+
+def triton_device() -> str:
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    if not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU")
+    return "cuda"
+
+
+def padded_labels(ids, mask):
+    return ids.masked_fill(mask == 0, -100)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_hf_left_padding_on_triton_runs_varlen(family, op_calls):
+    """Left padding (and Mistral's window of 5 over 17 tokens) on the triton backend: the mask
+    becomes a packed batch of the valid tokens; valid logits and every gradient match."""
+    device = triton_device()
+    model = tiny_hf_model(family, num_hidden_layers=1).to(device)
+    original = copy.deepcopy(model)
+    apply_turbolm(model)
+    ids, mask = ids_and_padding(length=17, pad=4)
+    ids, mask = ids.to(device), mask.to(device)
+    labels = padded_labels(ids, mask)
+    with turbolm.use_backend("attention=triton"):
+        out = model(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+    ref = original(ids, attention_mask=mask, labels=labels)
+    ref.loss.backward()
+    keep = mask.bool()
+    torch.testing.assert_close(out.logits[keep], ref.logits[keep], atol=1e-4, rtol=1e-3)
+    assert_grads_match(model, original, atol=1e-4)
+    assert ("attention", "triton") in op_calls
+
+
+def test_hf_sliding_window_without_padding_on_triton():
+    device = triton_device()
+    model = tiny_hf_model("mistral", num_hidden_layers=1).to(device)
+    original = copy.deepcopy(model)
+    apply_turbolm(model)
+    ids = torch.randint(3, 97, (2, 17), device=device)
+    with turbolm.use_backend("attention=triton"):
+        out = model(ids).logits
+    torch.testing.assert_close(out, original(ids).logits, atol=1e-4, rtol=1e-3)
+
+
+def test_hf_left_padded_generation_on_triton():
+    device = triton_device()
+    model = tiny_hf_model("llama", num_hidden_layers=1).to(device)
+    original = copy.deepcopy(model)
+    apply_turbolm(model)
+    ids, mask = ids_and_padding(length=6, pad=2)
+    options = {"max_new_tokens": 4, "do_sample": False, "attention_mask": mask.to(device)}
+    expected = original.generate(ids.to(device), **options)
+    with turbolm.use_backend("attention=triton"):
+        got = model.generate(ids.to(device), **options)
+    assert torch.equal(got, expected)
+
+
+def test_hf_right_padding_on_triton_is_a_clear_error():
+    """A padded query row that sees keys is not key padding the op can express: refused, with
+    the op's reason, never computed differently."""
+    device = triton_device()
+    model = tiny_hf_model("llama", num_hidden_layers=1).to(device)
+    apply_turbolm(model)
+    ids, mask = ids_and_padding(length=9, pad=0)
+    mask[0, -3:] = 0
+    with turbolm.use_backend("attention=triton"), pytest.raises(BackendError, match="attn_mask"):
+        model(ids.to(device), attention_mask=mask.to(device))
+
+
+def sdpa_style_mask(k_valid, q_len, window=None, causal=True):
+    """The (B, 1, Tq, Tk) mask transformers' SDPA builder gives for key padding ``k_valid``
+    (B, Tk), queries at the last Tq positions, causal, sliding window of ``window`` keys."""
+    k_len = k_valid.shape[1]
+    q_pos = torch.arange(k_len - q_len, k_len)[:, None]
+    k_pos = torch.arange(k_len)[None, :]
+    allowed = (k_pos <= q_pos) if causal else torch.ones(q_len, k_len, dtype=torch.bool)
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)
+    return (allowed[None] & k_valid[:, None, :].bool())[:, None]
+
+
+@pytest.mark.parametrize("q_len", [1, 4, 9])
+@pytest.mark.parametrize("window", [None, 3])
+def test_mask_plan_reproduces_left_padding_exactly(q_len, window):
+    """The plan's packed sequences, run with the op's own causal / window rule, see exactly
+    the keys the mask allows."""
+    k_valid = torch.ones(3, 9, dtype=torch.bool)
+    k_valid[0, :2] = False
+    k_valid[2, :8] = False
+    mask = sdpa_style_mask(k_valid, q_len, window)
+    left = -1 if window is None else window - 1
+    plan = hf_patching._mask_plan(mask, q_len, True, left)
+    assert plan is not None
+    cu_q, cu_k = (c.tolist() for c in plan["cu_seqlens"])
+    rebuilt = torch.zeros(3 * q_len, 3 * 9, dtype=torch.bool)
+    for b in range(3):
+        rows = plan["q_index"][cu_q[b] : cu_q[b + 1]]
+        cols = plan["k_index"][cu_k[b] : cu_k[b + 1]]
+        seen = visible_mask(len(rows), len(cols), True, (left, 0) if window else None, device="cpu")
+        seen = torch.ones(len(rows), len(cols), dtype=torch.bool) if seen is None else seen
+        rebuilt[rows[:, None], cols[None, :]] = seen
+    # Flat (B*Tq, B*Tk) -> (B, Tq, Tk): the block of each batch row.
+    blocks = torch.stack(
+        [rebuilt[b * q_len : (b + 1) * q_len, b * 9 : (b + 1) * 9] for b in range(3)]
+    )
+    assert torch.equal(blocks, mask[:, 0])
+    assert plan["max_seqlen"] == (max(cu_q[i + 1] - cu_q[i] for i in range(3)),
+                                  max(cu_k[i + 1] - cu_k[i] for i in range(3)))  # fmt: skip
+
+
+def test_mask_plan_refuses_what_it_cannot_reproduce():
+    k_valid = torch.ones(2, 8, dtype=torch.bool)
+    k_valid[1, -2:] = False  # right padding: the padded queries still see keys
+    assert hf_patching._mask_plan(sdpa_style_mask(k_valid, 8), 8, True, -1) is None
+    # First prefill of a static cache: 8 slots, 5 queries aligned top-left.
+    static = torch.zeros(1, 1, 5, 8, dtype=torch.bool)
+    static[0, 0, :, :5] = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert hf_patching._mask_plan(static, 5, True, -1) is None
+    # Static-cache decode: one query at slot 5 of 8; the slot after it is unwritten.
+    decode = torch.zeros(1, 1, 1, 8, dtype=torch.bool)
+    decode[..., :6] = True
+    assert hf_patching._mask_plan(decode, 1, True, -1) is None
+    # Additive masks and per-head masks are left to backends that take masks.
+    assert hf_patching._mask_plan(torch.zeros(1, 1, 2, 2), 2, True, -1) is None
+    assert hf_patching._mask_plan(torch.ones(1, 2, 2, 2, dtype=torch.bool), 2, True, -1) is None

@@ -34,7 +34,8 @@ import warnings
 
 import torch
 
-from turbolm.errors import InputError
+from turbolm.errors import BackendError, InputError
+from turbolm.ops import registry
 from turbolm.ops.attention import attention
 from turbolm.ops.norm import rms_norm
 from turbolm.patching.torch_modules import is_swapped, swap_class
@@ -182,6 +183,91 @@ def patch_rmsnorms(model: torch.nn.Module, report) -> None:
 # Attention
 
 
+def _mask_plan(mask: torch.Tensor, q_len: int, causal: bool, left: int) -> dict | None:
+    """Describe a boolean (B, 1, Tq, Tk) mask as key padding + the op's ``causal`` / ``window``,
+    or None when it is anything else.
+
+    Padding means: key j of row b is valid or not, the Tq queries are the last Tq key
+    positions, and within the valid keys (in order) query i sees what ``causal`` and
+    ``window=(left, 0)`` allow, bottom-right aligned, as the op does for a packed sequence.
+    The description is checked against every element of ``mask`` (a query at a padded
+    position must see nothing), so a mask it does not reproduce exactly is never replaced.
+    Returns {} (no padding: causal / window alone), or the varlen description
+    (``cu_seqlens``, ``max_seqlen``, flat ``q_index`` / ``k_index``).
+    """
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return None
+    allowed = mask[:, 0]  # (B, Tq, Tk)
+    k_len = allowed.shape[-1]
+    if allowed.shape[-2] != q_len or k_len < q_len or (left >= 0 and not causal):
+        return None
+    k_valid = allowed.any(dim=1)  # (B, Tk): keys some query may see
+    q_valid = k_valid[:, k_len - q_len :]  # (B, Tq): queries at valid positions
+    rank = k_valid.cumsum(dim=1) - 1  # index of each key among its row's valid keys
+    q_rank = rank[:, k_len - q_len :]
+    expected = k_valid[:, None, :] & q_valid[:, :, None]
+    if causal:
+        expected &= rank[:, None, :] <= q_rank[:, :, None]
+    if left >= 0:
+        expected &= rank[:, None, :] >= q_rank[:, :, None] - left
+    if not torch.equal(expected, allowed):
+        return None
+    if bool(k_valid.all()):
+        return {}
+    k_lens = k_valid.sum(dim=1)
+    q_lens = q_valid.sum(dim=1)
+    zero = k_lens.new_zeros(1)
+    return {
+        "cu_seqlens": (
+            torch.cat([zero, q_lens.cumsum(0)]).to(torch.int32),
+            torch.cat([zero, k_lens.cumsum(0)]).to(torch.int32),
+        ),
+        "max_seqlen": (int(q_lens.max()), int(k_lens.max())),
+        "q_index": q_valid.flatten().nonzero().squeeze(1),
+        "k_index": k_valid.flatten().nonzero().squeeze(1),
+    }
+
+
+def _cached_mask_plan(mask, q_len, causal, left) -> dict | None:
+    """:func:`_mask_plan`, computed once per mask tensor: transformers hands every layer the
+    same mask object, so the checks and host syncs happen once per forward."""
+    plans = mask.__dict__.setdefault("_turbolm_plans", {})
+    key = (q_len, causal, left, mask._version)
+    if key not in plans:
+        plans[key] = _mask_plan(mask, q_len, causal, left)
+    return plans[key]
+
+
+def _mask_accepted(query, key, value, mask, dropout) -> bool:
+    """Whether the backend the op would choose runs ``mask`` as it is."""
+    try:
+        registry.select(
+            "attention", query.device.type, None,
+            q=query, k=key, v=value, attn_mask=mask, causal=False, window=None,
+            layout="bhsd", dropout_p=dropout,
+            requested=registry.requested_backend("attention")[0],
+        )  # fmt: skip
+    except BackendError:
+        return False
+    return True
+
+
+def _varlen_attention(query, key, value, plan, **options) -> torch.Tensor:
+    """Attention of the valid queries over the valid keys, packed; (B, Tq, Hq, D) with zeros
+    at padded query positions."""
+    b, hq, q_len, d = query.shape
+    q = query.transpose(1, 2).reshape(b * q_len, hq, d).index_select(0, plan["q_index"])
+    k, v = (
+        t.transpose(1, 2).reshape(-1, t.shape[1], d).index_select(0, plan["k_index"])
+        for t in (key, value)
+    )
+    packed = attention(
+        q, k, v, cu_seqlens=plan["cu_seqlens"], max_seqlen=plan["max_seqlen"], **options
+    )  # (total_q, Hq, D)
+    out = packed.new_zeros(b * q_len, hq, d).index_copy(0, plan["q_index"], packed)
+    return out.view(b, q_len, hq, d)
+
+
 def turbolm_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -191,6 +277,7 @@ def turbolm_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The ``transformers`` attention-function contract on ``turbolm.ops.attention``.
@@ -199,9 +286,16 @@ def turbolm_attention_forward(
     ``attention_mask`` None or boolean, broadcastable to (B, Hq, Tq, Tk), True = may attend
     (SDPA's mask builder). Returns ((B, Tq, Hq, D) contiguous, None): no attention weights.
 
-    The causal rule is SDPA's: without a mask, more than one query row and a causal module
+    Without a mask the causal rule is SDPA's: more than one query row and a causal module
     means causal attention, and when the keys outnumber the queries (the first prefill of a
     static cache) only the first Tq keys count; one query row attends to every key.
+
+    With a mask, the op gets it as it is when the backend it chooses takes masks (reference,
+    torch). When it does not (triton), a mask that is exactly key padding + causal + the
+    family's ``sliding_window`` (checked element by element, see :func:`_mask_plan`) becomes
+    the op's ``window`` and, with padding, a packed variable-length batch of the valid tokens
+    (padded query positions output zeros); any other mask goes to the op unchanged, which
+    then says why that backend cannot run it.
     """
     for name in UNSUPPORTED_ATTENTION_KWARGS:
         if kwargs.get(name) is not None:
@@ -218,12 +312,23 @@ def turbolm_attention_forward(
     q_len = query.shape[2]
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    causal = bool(is_causal) and attention_mask is None and q_len > 1
-    if causal and key.shape[2] > q_len:
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    out = attention(
-        query, key, value, causal=causal, dropout_p=dropout, attn_mask=attention_mask, scale=scaling
-    )  # (B, Hq, Tq, D)
+    options = {"dropout_p": dropout, "scale": scaling}
+    if attention_mask is None:
+        causal = bool(is_causal) and q_len > 1
+        if causal and key.shape[2] > q_len:
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+        out = attention(query, key, value, causal=causal, **options)  # (B, Hq, Tq, D)
+        return out.transpose(1, 2).contiguous(), None
+    if not _mask_accepted(query, key, value, attention_mask, dropout):
+        left = sliding_window - 1 if sliding_window else -1
+        plan = _cached_mask_plan(attention_mask, q_len, bool(is_causal), left)
+        if plan is not None:
+            options.update(causal=bool(is_causal), window=(left, 0) if left >= 0 else None)
+            if not plan:
+                out = attention(query, key, value, **options)
+                return out.transpose(1, 2).contiguous(), None
+            return _varlen_attention(query, key, value, plan, **options), None
+    out = attention(query, key, value, attn_mask=attention_mask, **options)
     return out.transpose(1, 2).contiguous(), None
 
 
