@@ -213,6 +213,28 @@ def test_patched_model_deepcopies_and_pickles():
         assert revert_turbolm(other) == 9
 
 
+def test_plain_transformer_encoder_is_patched(op_calls):
+    """torch.nn.TransformerEncoder: its MultiheadAttention and LayerNorms run turbolm's ops."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(
+        16, 4, dim_feedforward=32, dropout=0.0, batch_first=True
+    )
+    model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    original = copy.deepcopy(model)
+    report = apply_turbolm(model)
+    assert report.count("attention") == 2 and report.count("norm") == 4
+    assert type(model.layers[0].self_attn) is tnn.MultiheadAttention
+    x = torch.randn(3, 7, 16)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(7)
+    out = model(x, mask=causal, is_causal=True)
+    ref = original(x, mask=causal, is_causal=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert_grads_match(model, original)
+    assert {"attention", "layer_norm"} <= {op for op, _ in op_calls}
+
+
 def test_bad_arguments_are_typed_errors():
     with pytest.raises(InputError, match="torch.nn.Module"):
         apply_turbolm("model")
