@@ -132,6 +132,11 @@ if [ "$QUICK" = 1 ]; then
     step bench_attention 90 "$PY" benchmarks/bench_attention.py --out "$OUT" --budget-s 75 \
         --head-dims 128 --causal 1 --seqlens 4096,8192,16384 --modes fwd,bwd \
         --providers turbolm_triton,turbolm_triton_tma,sdpa_cudnn,sdpa_flash,flash_attn
+    # apply_turbolm on a ~0.9B Llama-style transformers model (random init, bf16, 4 x 2048
+    # tokens): unpatched SDPA / eager vs patched (auto, cuda norms, triton). Needs transformers
+    # (with no wheel in wheels/ the table says "not run: transformers is not installed").
+    step bench_patch 60 "$PY" benchmarks/bench_patch.py --out "$OUT" --preset gpu --dtype bf16 \
+        --budget-s 40
 else
     step build_ext 300 "$PY" -m turbolm.ext
     step pytest_gpu 420 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf tests
