@@ -414,13 +414,15 @@ def test_fall_back_errors_are_torch(op_calls):
     assert op_calls == []
 
 
-def test_named_backend_that_cannot_run_raises(monkeypatch):
-    """The fast path really goes through the op's registry: a named backend never falls back."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_named_backend_that_cannot_run_raises():
+    """The fast path really goes through the op's registry: a named backend never falls back
+    (triton takes no attention mask; a key_padding_mask becomes one)."""
     ours, _ = make_pair(torch.float32)
     x = torch.randn(5, 3, E)
-    with turbolm.use_backend("triton"), pytest.raises(BackendError):
-        ours(x, x, x, need_weights=False)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[0, -1] = True
+    with turbolm.use_backend("triton"), pytest.raises(BackendError, match="backend 'triton'"):
+        ours(x, x, x, need_weights=False, key_padding_mask=padding)
 
 
 # ---- drop-in: state_dict and __class__ swap -------------------------------------------------

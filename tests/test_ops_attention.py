@@ -207,3 +207,27 @@ def test_dropout_is_unbiased(backend):
     assert (mean - expected[0]).abs().max() < 0.12
     single = attention(q, k, v, causal=True, dropout_p=0.25, backend=backend)
     assert not torch.allclose(single, expected)
+
+
+def test_torch_backend_keeps_padding_masks_small(monkeypatch):
+    """A (B, 1, Tq, Tk) boolean padding mask reaches SDPA as it is (boolean, not expanded over
+    the heads into an additive float mask), and grouped k/v heads are not repeated on CPU."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append((tuple(k.shape), None if attn_mask is None else attn_mask))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q = torch.randn(2, 8, 5, 16)
+    k = v = torch.randn(2, 2, 5, 16)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    mask[0, :, :, :2] = False  # left padding: rows 0-1 of batch 0 see nothing
+    out = attention(q, k, v, attn_mask=mask, backend="torch")
+    ((k_shape, passed),) = seen
+    assert k_shape == (2, 2, 5, 16)
+    assert passed.dtype == torch.bool and passed.shape == (2, 1, 5, 5)
+    ref = attention_reference(q.double(), k.double(), v.double(), attn_mask=mask)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
+    assert not out[0, :, :2].any()  # rows that see no key are zeros

@@ -155,33 +155,40 @@ def _attention_torch(q, k, v, causal=False, dropout_p=0.0, attn_mask=None, scale
     if causal and tq == 1 and tk >= 1:
         causal = False
     unmasked = attn_mask is None and window is None and (not causal or tq == tk)
-    if unmasked and k.shape[1] != q.shape[1] and _SDPA_GQA and q.device.type == "cpu":
+    if k.shape[1] != q.shape[1] and _SDPA_GQA and q.device.type == "cpu":
         # Grouped heads read in place (no repeated k/v copies). CPU only: on CUDA, SDPA's
         # memory-efficient kernel does not take enable_gqa and fp32 would fall back to math.
-        return F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=True
-        )
+        return _sdpa(q, k, v, causal, dropout_p, attn_mask, scale, window, unmasked, gqa=True)
     if k.shape[1] != q.shape[1]:
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
+    return _sdpa(q, k, v, causal, dropout_p, attn_mask, scale, window, unmasked, gqa=False)
+
+
+def _sdpa(q, k, v, causal, dropout_p, attn_mask, scale, window, unmasked, gqa):
+    """One SDPA call. Masks stay in their broadcast shape (a (B, 1, Tq, Tk) padding mask is
+    not expanded over the heads) and boolean where they can; rows that see no key are let see
+    every key for the call, then zeroed."""
+    extra = {"enable_gqa": True} if gqa else {}
     if unmasked:
         # SDPA's is_causal is top-left aligned, which equals ours only when Tq == Tk.
         return F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale
+            q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, **extra
         )
     allowed, bias = _allowed_and_bias(q, k, causal, attn_mask, window)
     mask = bias.to(q.dtype) if bias is not None else None
     empty_rows = None
     if allowed is not None:
-        shape = torch.broadcast_shapes(allowed.shape, (q.shape[0], q.shape[1], tq, tk))
-        allowed = allowed.expand(shape)
         empty_rows = ~allowed.any(dim=-1, keepdim=True)
         allowed = allowed | empty_rows
-        additive = torch.zeros(shape, dtype=q.dtype, device=q.device)
-        additive = additive.masked_fill(~allowed, float("-inf"))
-        mask = additive if mask is None else mask + additive
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        if mask is None:
+            mask = allowed
+        else:
+            mask = torch.where(allowed, mask, float("-inf"))
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, **extra
+    )
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)
     return out
