@@ -103,13 +103,14 @@ def apply_turbolm(
     kinds = {kind for kind, wanted in options.items() if wanted}
     report = PatchReport()
     patch_torch_modules(model, kinds, report)
-    if hf.is_hf_model(model):
-        if norm:
-            hf.patch_rmsnorms(model, report)
-        if attention:
-            hf.patch_attention(model, report)
-            if report.attention_before is not None:
-                model.__dict__[_ATTENTION_BEFORE_ATTR] = report.attention_before
+    hf_models = hf.outermost_hf_models(model)
+    if hf_models and norm:
+        hf.patch_rmsnorms(model, report)
+    for name, hf_model in hf_models if attention else ():
+        before = hf.patch_attention(hf_model, report, name)
+        if before is not None:
+            hf_model.__dict__[_ATTENTION_BEFORE_ATTR] = before
+            report.attention_before = before
     return report
 
 
@@ -117,11 +118,13 @@ def revert_turbolm(model: torch.nn.Module) -> int:
     """Undo :func:`apply_turbolm` on ``model``; returns how many modules were restored
     (plus one when a transformers model's attention function was switched back)."""
     _check_model(model)
-    restored = sum(restore_class(module) for module in model.modules())
-    before = model.__dict__.pop(_ATTENTION_BEFORE_ATTR, None)
-    if before is not None:
-        hf.revert_attention(model, before)
-        restored += 1
+    restored = 0
+    for module in model.modules():
+        restored += restore_class(module)
+        before = module.__dict__.pop(_ATTENTION_BEFORE_ATTR, None)
+        if before is not None:
+            hf.revert_attention(module, before)
+            restored += 1
     return restored
 
 

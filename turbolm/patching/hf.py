@@ -46,8 +46,13 @@ ATTN_NAME = "turbolm"
 # does not implement. A non-None value is refused rather than silently ignored.
 UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
 
-# Config fields that mean the family's attention needs one of the features above.
+# Config fields and module attributes that mean the family's attention needs one of the
+# features above: such models keep their own attention.
 UNSUPPORTED_CONFIG_FIELDS = ("attn_logit_softcapping",)
+UNSUPPORTED_MODULE_ATTRS = {
+    "sinks": "attention sinks",
+    "relative_attention_bias": "a relative position bias",
+}
 
 
 def is_hf_model(model: torch.nn.Module) -> bool:
@@ -56,6 +61,20 @@ def is_hf_model(model: torch.nn.Module) -> bool:
         c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
         for c in type(model).__mro__
     )
+
+
+def outermost_hf_models(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of the ``PreTrainedModel`` modules of ``model`` (itself included) not
+    inside another one: the model itself, or those a wrapper (a peft ``PeftModel``, a user
+    module) holds. The model itself is named ``<attention>`` in reports."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    inner: set[int] = set()
+    for name, module in model.named_modules():  # parents come before their children
+        if id(module) in inner or not is_hf_model(module):
+            continue
+        found.append((f"{name}.<attention>" if name else "<attention>", module))
+        inner.update(id(m) for m in module.modules())
+    return found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,8 +101,8 @@ def _forward_offset(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 _STYLES = {"scaled": _forward_scaled, "offset": _forward_offset}
 
-# Original RMSNorm class -> its patched subclass, or the reason it cannot be patched.
-_PATCHED_CLASSES: dict[type, type | str] = {}
+# (original RMSNorm class, eps attribute) -> its patched subclass, or why it cannot be patched.
+_PATCHED_CLASSES: dict[tuple[type, str], type | str] = {}
 
 
 def _eps_attr(module: torch.nn.Module) -> str | None:
@@ -122,37 +141,42 @@ def _probe_style(cls: type, module: torch.nn.Module, eps_attr: str) -> str | Non
 
 
 def patched_rmsnorm_class(module: torch.nn.Module) -> type | str:
-    """The patched subclass for ``module``'s class, or why it cannot be patched."""
+    """The patched subclass for ``module``, or why it cannot be patched.
+
+    Eligibility is checked on every module (instances of one class can differ: Gemma3n's
+    RMSNorm has a weight or not by ``with_scale``); the formula probe runs once per class.
+    """
     cls = type(module)
-    known = _PATCHED_CLASSES.get(cls)
-    if known is not None:
-        return known
     weight = getattr(module, "weight", None)
     eps_attr = _eps_attr(module)
     if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1 or weight.numel() == 0:
-        result: type | str = "no 1-D weight parameter"
-    elif eps_attr is None:
-        result = "no numeric variance_epsilon / eps attribute"
+        return "no 1-D weight parameter"
+    if eps_attr is None:
+        return "no numeric variance_epsilon / eps attribute"
+    key = (cls, eps_attr)
+    known = _PATCHED_CLASSES.get(key)
+    if known is not None:
+        return known
+    style = _probe_style(cls, module, eps_attr)
+    if style is None:
+        result: type | str = "its forward matches neither RMSNorm formula turbolm implements"
     else:
-        style = _probe_style(cls, module, eps_attr)
-        if style is None:
-            result = "its forward matches neither RMSNorm formula turbolm implements"
-        else:
-            result = type(
-                f"Turbolm{cls.__name__}",
-                (cls,),
-                {
-                    "forward": _STYLES[style],
-                    "__module__": __name__,
-                    "__doc__": f"{cls.__name__} running turbolm.ops.rms_norm ({style}).",
-                    "_turbolm_base": cls,
-                    "_turbolm_eps_attr": eps_attr,
-                    "_turbolm_style": style,
-                },
-            )
-            # Importable by name, so a patched model can be pickled within this process.
-            globals()[result.__name__] = result
-    _PATCHED_CLASSES[cls] = result
+        result = type(
+            f"Turbolm{cls.__name__}",
+            (cls,),
+            {
+                "forward": _STYLES[style],
+                "__module__": __name__,
+                "__doc__": f"{cls.__name__} running turbolm.ops.rms_norm ({style}).",
+                "_turbolm_base": cls,
+                "_turbolm_eps_attr": eps_attr,
+                "_turbolm_style": style,
+            },
+        )
+        # Importable by name, so a patched model can be pickled within this process.
+        globals()[f"{result.__name__}_{eps_attr}"] = result
+        result.__qualname__ = f"{result.__name__}_{eps_attr}"
+    _PATCHED_CLASSES[key] = result
     return result
 
 
@@ -183,7 +207,9 @@ def patch_rmsnorms(model: torch.nn.Module, report) -> None:
 # Attention
 
 
-def _mask_plan(mask: torch.Tensor, q_len: int, causal: bool, left: int) -> dict | None:
+def _mask_plan(
+    mask: torch.Tensor, batch: int, q_len: int, k_len: int, causal: bool, left: int
+) -> dict | None:
     """Describe a boolean (B, 1, Tq, Tk) mask as key padding + the op's ``causal`` / ``window``,
     or None when it is anything else.
 
@@ -195,12 +221,11 @@ def _mask_plan(mask: torch.Tensor, q_len: int, causal: bool, left: int) -> dict 
     Returns {} (no padding: causal / window alone), or the varlen description
     (``cu_seqlens``, ``max_seqlen``, flat ``q_index`` / ``k_index``).
     """
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+    if mask.dtype != torch.bool or tuple(mask.shape) != (batch, 1, q_len, k_len):
+        return None  # broadcast masks (batch 1, per-head) are left to backends that take masks
+    if k_len < q_len or (left >= 0 and not causal):
         return None
     allowed = mask[:, 0]  # (B, Tq, Tk)
-    k_len = allowed.shape[-1]
-    if allowed.shape[-2] != q_len or k_len < q_len or (left >= 0 and not causal):
-        return None
     k_valid = allowed.any(dim=1)  # (B, Tk): keys some query may see
     q_valid = k_valid[:, k_len - q_len :]  # (B, Tq): queries at valid positions
     rank = k_valid.cumsum(dim=1) - 1  # index of each key among its row's valid keys
@@ -228,13 +253,18 @@ def _mask_plan(mask: torch.Tensor, q_len: int, causal: bool, left: int) -> dict 
     }
 
 
-def _cached_mask_plan(mask, q_len, causal, left) -> dict | None:
+def _cached_mask_plan(mask, batch, q_len, k_len, causal, left) -> dict | None:
     """:func:`_mask_plan`, computed once per mask tensor: transformers hands every layer the
-    same mask object, so the checks and host syncs happen once per forward."""
+    same mask object, so the checks and host syncs happen once per forward. The cache
+    follows in-place changes through the tensor's version counter (inference tensors have
+    none: their masks are planned on every call); writes through ``mask.data`` bypass it."""
+    args = (mask, batch, q_len, k_len, causal, left)
+    if mask.is_inference():
+        return _mask_plan(*args)
     plans = mask.__dict__.setdefault("_turbolm_plans", {})
-    key = (q_len, causal, left, mask._version)
+    key = (batch, q_len, k_len, causal, left, mask._version)
     if key not in plans:
-        plans[key] = _mask_plan(mask, q_len, causal, left)
+        plans[key] = _mask_plan(*args)
     return plans[key]
 
 
@@ -319,9 +349,14 @@ def turbolm_attention_forward(
             key, value = key[:, :, :q_len], value[:, :, :q_len]
         out = attention(query, key, value, causal=causal, **options)  # (B, Hq, Tq, D)
         return out.transpose(1, 2).contiguous(), None
-    if not _mask_accepted(query, key, value, attention_mask, dropout):
+    # The plan reads the mask on the host, which torch.compile cannot trace: compiled
+    # models keep their masks (and need a backend that takes them).
+    if not torch.compiler.is_compiling() and not _mask_accepted(
+        query, key, value, attention_mask, dropout
+    ):
         left = sliding_window - 1 if sliding_window else -1
-        plan = _cached_mask_plan(attention_mask, q_len, bool(is_causal), left)
+        shape = (query.shape[0], q_len, key.shape[2])
+        plan = _cached_mask_plan(attention_mask, *shape, bool(is_causal), left)
         if plan is not None:
             options.update(causal=bool(is_causal), window=(left, 0) if left >= 0 else None)
             if not plan:
@@ -364,22 +399,37 @@ def _attention_refusal(model) -> str | None:
         for field in UNSUPPORTED_CONFIG_FIELDS:
             if getattr(config, field, None) is not None:
                 return f"config.{field} is set; turbolm attention has no logit soft-capping"
+        v_dim = getattr(config, "v_head_dim", None)
+        qk_dim = getattr(config, "qk_head_dim", None) or (
+            (getattr(config, "qk_nope_head_dim", 0) or 0)
+            + (getattr(config, "qk_rope_head_dim", 0) or 0)
+        )
+        if v_dim and qk_dim and v_dim != qk_dim:
+            return (
+                f"query/key head dim {qk_dim} differs from value head dim {v_dim}; "
+                "turbolm attention needs one head dim"
+            )
+    for name, module in model.named_modules():
+        for attr, what in UNSUPPORTED_MODULE_ATTRS.items():
+            if isinstance(getattr(module, attr, None), torch.Tensor | torch.nn.Module):
+                return f"{name or type(model).__name__} has {what} ({attr}), which turbolm lacks"
     return None
 
 
-def patch_attention(model, report) -> None:
-    """Switch ``model`` (and its sub-models) to the ``"turbolm"`` attention function."""
+def patch_attention(model, report, name: str = "<attention>") -> str | None:
+    """Switch ``model`` (and its sub-models) to the ``"turbolm"`` attention function; returns
+    the implementation it had, or None when nothing was switched."""
     current = model.config._attn_implementation
     if current == ATTN_NAME:
-        return
+        return None
     reason = _attention_refusal(model)
     if reason is not None:
-        report.add_skipped("<attention>", reason)
-        return
+        report.add_skipped(name, reason)
+        return None
     register_attention()
     model.set_attn_implementation(ATTN_NAME)
-    report.attention_before = current
-    report.add_patched("attention", "<attention>", f"attn_implementation {current!r}")
+    report.add_patched("attention", name, f"attn_implementation {current!r}")
+    return current
 
 
 def revert_attention(model, before: str | None) -> None:

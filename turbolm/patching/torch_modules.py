@@ -11,6 +11,8 @@ Only modules whose type is exactly the torch.nn class are swapped. A user subcla
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 import turbolm.nn as tnn
@@ -41,16 +43,30 @@ def twins() -> dict[str, dict[type, type]]:
 
 def swap_class(module: torch.nn.Module, new_class: type) -> None:
     """Make ``module`` an instance of ``new_class`` (a subclass of its class), remembering the
-    original class for :func:`restore_class`."""
-    module.__dict__[ORIGINAL_CLASS_ATTR] = type(module)
+    original class (and the one installed) for :func:`restore_class`."""
+    module.__dict__[ORIGINAL_CLASS_ATTR] = (type(module), new_class)
     module.__class__ = new_class
 
 
 def restore_class(module: torch.nn.Module) -> bool:
-    """Undo :func:`swap_class`; False if ``module`` was not swapped."""
-    original = module.__dict__.pop(ORIGINAL_CLASS_ATTR, None)
-    if original is None:
+    """Undo :func:`swap_class`; False if ``module`` was not swapped.
+
+    When something switched the class again after turbolm did (``torch.nn.utils.parametrize``
+    and FSDP2 put their own class on top), putting the original class back would drop that
+    layer, so the module is left as it is, with a warning.
+    """
+    record = module.__dict__.get(ORIGINAL_CLASS_ATTR)
+    if record is None:
         return False
+    original, installed = record
+    if type(module) is not installed:
+        warnings.warn(
+            f"turbolm: not reverting a {installed.__name__}: its class was changed again after "
+            f"patching (now {type(module).__qualname__}); undo that first",
+            stacklevel=3,
+        )
+        return False
+    del module.__dict__[ORIGINAL_CLASS_ATTR]
     module.__class__ = original
     return True
 
