@@ -239,6 +239,12 @@ def _cmd_doctor(args) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
+    try:
+        import transformers
+
+        print(f"transformers {transformers.__version__} (turbolm.patching)")
+    except ImportError:
+        print("transformers: not installed (turbolm.patching patches plain PyTorch models only)")
     if torch.cuda.is_available():
         print(
             f"GPU: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})"
