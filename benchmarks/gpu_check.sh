@@ -132,9 +132,13 @@ if [ "$QUICK" = 1 ]; then
     step bench_attention 90 "$PY" benchmarks/bench_attention.py --out "$OUT" --budget-s 75 \
         --head-dims 128 --causal 1 --seqlens 4096,8192,16384 --modes fwd,bwd \
         --providers turbolm_triton,turbolm_triton_tma,sdpa_cudnn,sdpa_flash,flash_attn
+    # Patched transformers models on the triton kernels (tiny models on CUDA: padding as
+    # varlen, sliding windows, generation; tests/test_patching.py runs them under the
+    # interpreter on CPU). The H200 image has transformers 5.17.
+    step pytest_patching 40 "$PY" -m pytest -q -p no:cacheprovider -rf tests/test_patching.py \
+        -k "triton or inference_mode or broadcast"
     # apply_turbolm on a ~0.9B Llama-style transformers model (random init, bf16, 4 x 2048
-    # tokens): unpatched SDPA / eager vs patched (auto, cuda norms, triton). Needs transformers
-    # (with no wheel in wheels/ the table says "not run: transformers is not installed").
+    # tokens): unpatched SDPA / eager vs patched (auto, cuda norms, triton).
     step bench_patch 60 "$PY" benchmarks/bench_patch.py --out "$OUT" --preset gpu --dtype bf16 \
         --budget-s 40
 else
