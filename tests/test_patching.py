@@ -571,16 +571,44 @@ def test_hf_left_padded_generation_on_triton():
     assert torch.equal(got, expected)
 
 
-def test_hf_right_padding_on_triton_is_a_clear_error():
-    """A padded query row that sees keys is not key padding the op can express: refused, with
-    the op's reason, never computed differently."""
+def test_hf_right_padding_on_triton(attention_runs):
+    """Right padding: the real tokens run packed and causal; the padded queries after them see
+    the row's keys, as under SDPA, through a second, non-causal call; every logit matches."""
     device = triton_device()
     model = tiny_hf_model("llama", num_hidden_layers=1).to(device)
+    original = copy.deepcopy(model)
     apply_turbolm(model)
     ids, mask = ids_and_padding(length=9, pad=0)
     mask[0, -3:] = 0
-    with turbolm.use_backend("attention=triton"), pytest.raises(BackendError, match="attn_mask"):
-        model(ids.to(device), attention_mask=mask.to(device))
+    ids, mask = ids.to(device), mask.to(device)
+    with turbolm.use_backend("attention=triton"):
+        out = model(ids, attention_mask=mask, labels=padded_labels(ids, mask))
+        out.loss.backward()
+    ref = original(ids, attention_mask=mask, labels=padded_labels(ids, mask))
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-3)
+    assert_grads_match(model, original, atol=1e-4)
+    assert attention_runs == ["varlen", "varlen"]
+
+
+def test_hf_packed_sequences_on_triton(attention_runs):
+    """Sequences packed into one row (position_ids restarting at 0, the way padding-free
+    collators feed transformers; transformers builds the block mask only without a cache):
+    one varlen call, one sequence per document."""
+    device = triton_device()
+    model = tiny_hf_model("llama", num_hidden_layers=1).to(device)
+    original = copy.deepcopy(model)
+    apply_turbolm(model)
+    ids = torch.randint(3, 97, (1, 16), device=device)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7]], device=device)
+    with turbolm.use_backend("attention=triton"):
+        out = model(ids, position_ids=positions, labels=ids, use_cache=False)
+        out.loss.backward()
+    ref = original(ids, position_ids=positions, labels=ids, use_cache=False)
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-3)
+    assert_grads_match(model, original, atol=1e-4)
+    assert attention_runs == ["varlen"]
 
 
 def sdpa_style_mask(k_valid, q_len, window=None, causal=True):
@@ -601,6 +629,44 @@ def plan_for(mask, causal, left):
     return hf_patching._mask_plan(mask, b, q_len, k_len, causal, left)
 
 
+def rebuild_from_plan(plan, b, q_len, k_len):
+    """The (B, Tq, Tk) keys each query sees when the plan's calls run with the op's own
+    causal / window rule (rows no call writes see nothing)."""
+    seen = torch.zeros(b * q_len, b * k_len, dtype=torch.bool)
+    for call in plan["calls"]:
+        cu_q, cu_k = (c.tolist() for c in call["cu_seqlens"])
+        for s in range(len(cu_q) - 1):
+            rows = call["q_index"][cu_q[s] : cu_q[s + 1]]
+            cols = call["k_index"][cu_k[s] : cu_k[s + 1]]
+            rule = visible_mask(len(rows), len(cols), call["causal"], call["window"], "cpu")
+            if rule is None:
+                rule = torch.ones(len(rows), len(cols), dtype=torch.bool)
+            seen[rows[:, None], cols[None, :]] = rule
+        lengths_q = [cu_q[i + 1] - cu_q[i] for i in range(len(cu_q) - 1)]
+        lengths_k = [cu_k[i + 1] - cu_k[i] for i in range(len(cu_k) - 1)]
+        assert call["max_seqlen"] == (max(lengths_q), max(lengths_k))
+    return torch.stack(
+        [seen[i * q_len : (i + 1) * q_len, i * k_len : (i + 1) * k_len] for i in range(b)]
+    )
+
+
+def packed_mask(doc_lengths, pad_left=0, pad_right=0, window=None):
+    """SDPA's mask for one row of packed documents (causal within each) between paddings:
+    padded queries on the left see nothing, on the right they see every real key."""
+    total = pad_left + sum(doc_lengths) + pad_right
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    start = pad_left
+    for n in doc_lengths:
+        i = torch.arange(n)
+        block = i[None, :] <= i[:, None]
+        if window is not None:
+            block &= i[None, :] > i[:, None] - window
+        mask[start : start + n, start : start + n] = block
+        start += n
+    mask[start:, pad_left:start] = True
+    return mask
+
+
 @pytest.mark.parametrize("q_len", [1, 4, 9])
 @pytest.mark.parametrize("window", [None, 3])
 def test_mask_plan_reproduces_left_padding_exactly(q_len, window):
@@ -612,28 +678,45 @@ def test_mask_plan_reproduces_left_padding_exactly(q_len, window):
     mask = sdpa_style_mask(k_valid, q_len, window)
     left = -1 if window is None else window - 1
     plan = plan_for(mask, True, left)
+    assert plan is not None and len(plan["calls"]) == 1
+    assert torch.equal(rebuild_from_plan(plan, 3, q_len, 9), mask[:, 0])
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [([4, 3, 5], 0, 0), ([12], 0, 0)],  # packed documents, no padding
+        [([5], 0, 3), ([8], 0, 0), ([2, 2], 0, 4)],  # right padding (and packing)
+        [([5], 3, 0), ([8], 0, 0)],  # left padding
+        [([1, 1, 1], 0, 5), ([], 0, 8)],  # one-token documents; a row of padding only
+    ],
+)
+def test_mask_plan_reproduces_packing_and_right_padding(rows):
+    mask = torch.stack([packed_mask(docs, lp, rp) for docs, lp, rp in rows])[:, None]
+    plan = plan_for(mask, True, -1)
     assert plan is not None
-    cu_q, cu_k = (c.tolist() for c in plan["cu_seqlens"])
-    rebuilt = torch.zeros(3 * q_len, 3 * 9, dtype=torch.bool)
-    for b in range(3):
-        rows = plan["q_index"][cu_q[b] : cu_q[b + 1]]
-        cols = plan["k_index"][cu_k[b] : cu_k[b + 1]]
-        seen = visible_mask(len(rows), len(cols), True, (left, 0) if window else None, device="cpu")
-        seen = torch.ones(len(rows), len(cols), dtype=torch.bool) if seen is None else seen
-        rebuilt[rows[:, None], cols[None, :]] = seen
-    # Flat (B*Tq, B*Tk) -> (B, Tq, Tk): the block of each batch row.
-    blocks = torch.stack(
-        [rebuilt[b * q_len : (b + 1) * q_len, b * 9 : (b + 1) * 9] for b in range(3)]
-    )
-    assert torch.equal(blocks, mask[:, 0])
-    assert plan["max_seqlen"] == (max(cu_q[i + 1] - cu_q[i] for i in range(3)),
-                                  max(cu_k[i + 1] - cu_k[i] for i in range(3)))  # fmt: skip
+    b, _, t, _ = mask.shape
+    rebuilt = rebuild_from_plan(plan, b, t, t)
+    assert torch.equal(rebuilt, mask[:, 0])
+    right_padded = any(rp for _, _, rp in rows)
+    assert len(plan["calls"]) == (2 if right_padded else 1)
+
+
+def test_mask_plan_packing_with_a_window():
+    mask = packed_mask([6, 5], window=3)[None, None]
+    plan = plan_for(mask, True, 2)
+    assert torch.equal(rebuild_from_plan(plan, 1, 11, 11), mask[:, 0])
+    assert plan["calls"][0]["cu_seqlens"][0].tolist() == [0, 6, 11]
 
 
 def test_mask_plan_refuses_what_it_cannot_reproduce():
     k_valid = torch.ones(2, 8, dtype=torch.bool)
-    k_valid[1, -2:] = False  # right padding: the padded queries still see keys
-    assert plan_for(sdpa_style_mask(k_valid, 8), True, -1) is None
+    k_valid[1, -2:] = False  # right padding with a window: padded queries' keys are windowed
+    assert plan_for(sdpa_style_mask(k_valid, 8, window=3), True, 2) is None
+    # A hole that is not padding: a query that does not see a key its neighbours see.
+    holes = sdpa_style_mask(torch.ones(1, 6, dtype=torch.bool), 6).clone()
+    holes[0, 0, 4, 2] = False
+    assert plan_for(holes, True, -1) is None
     # First prefill of a static cache: 8 slots, 5 queries aligned top-left.
     static = torch.zeros(1, 1, 5, 8, dtype=torch.bool)
     static[0, 0, :, :5] = torch.ones(5, 5, dtype=torch.bool).tril()

@@ -210,47 +210,104 @@ def patch_rmsnorms(model: torch.nn.Module, report) -> None:
 def _mask_plan(
     mask: torch.Tensor, batch: int, q_len: int, k_len: int, causal: bool, left: int
 ) -> dict | None:
-    """Describe a boolean (B, 1, Tq, Tk) mask as key padding + the op's ``causal`` / ``window``,
-    or None when it is anything else.
+    """Describe a boolean (B, 1, Tq, Tk) mask as packed variable-length calls of the op, or
+    None when it is anything else.
 
-    Padding means: key j of row b is valid or not, the Tq queries are the last Tq key
-    positions, and within the valid keys (in order) query i sees what ``causal`` and
-    ``window=(left, 0)`` allow, bottom-right aligned, as the op does for a packed sequence.
-    The description is checked against every element of ``mask`` (a query at a padded
-    position must see nothing), so a mask it does not reproduce exactly is never replaced.
-    Returns {} (no padding: causal / window alone), or the varlen description
-    (``cu_seqlens``, ``max_seqlen``, flat ``q_index`` / ``k_index``).
+    What it recognises, in each batch row: padding (keys no query sees); packed sequences
+    (segments: under ``causal``, a query that sees only its own key starts one); the op's
+    ``causal`` and ``window=(left, 0)`` rule inside each segment, bottom-right aligned, with
+    the Tq queries at the last Tq key positions; and, when Tq == Tk, padded queries after the
+    row's last real token that see the row's keys (right padding: they get one more,
+    non-causal call, so their outputs are SDPA's too). Padded queries that see nothing
+    output zeros. The description is checked against every element of ``mask``, so a mask
+    it does not reproduce exactly is never replaced.
+
+    Returns {} (one segment per row, no padding: causal / window alone), or
+    ``{"calls": [...]}``, each call a dict of ``causal``, ``window``, ``cu_seqlens``,
+    ``max_seqlen`` and the flat (B * T) ``q_index`` / ``k_index`` it gathers.
     """
     if mask.dtype != torch.bool or tuple(mask.shape) != (batch, 1, q_len, k_len):
         return None  # broadcast masks (batch 1, per-head) are left to backends that take masks
-    if k_len < q_len or (left >= 0 and not causal):
+    if k_len < q_len or q_len == 0 or (left >= 0 and not causal):
         return None
     allowed = mask[:, 0]  # (B, Tq, Tk)
+    device = mask.device
+    offset = k_len - q_len  # query i sits at key position offset + i
     k_valid = allowed.any(dim=1)  # (B, Tk): keys some query may see
-    q_valid = k_valid[:, k_len - q_len :]  # (B, Tq): queries at valid positions
+    q_valid = k_valid[:, offset:]  # (B, Tq): queries at such positions
     rank = k_valid.cumsum(dim=1) - 1  # index of each key among its row's valid keys
-    q_rank = rank[:, k_len - q_len :]
-    expected = k_valid[:, None, :] & q_valid[:, :, None]
+    q_rank = rank[:, offset:]
+    if causal:
+        own = torch.arange(q_len, device=device) + offset
+        sees_only_own = (allowed.sum(dim=-1) == 1) & allowed[:, torch.arange(q_len), own]
+        starts = torch.zeros_like(k_valid)
+        starts[:, offset:] = q_valid & sees_only_own
+        starts |= k_valid & (rank == 0)
+        segment = starts.cumsum(dim=1)  # (B, Tk): segment of each key
+    else:
+        segment = torch.zeros_like(rank)
+    q_segment = segment[:, offset:]
+    expected = (
+        k_valid[:, None, :] & q_valid[:, :, None] & (segment[:, None, :] == q_segment[:, :, None])
+    )
     if causal:
         expected &= rank[:, None, :] <= q_rank[:, :, None]
     if left >= 0:
         expected &= rank[:, None, :] >= q_rank[:, :, None] - left
+    # Right padding: queries after the row's last valid key (no valid key at or after them).
+    trailing = torch.zeros_like(q_valid)
+    if q_len == k_len and left < 0:
+        trailing = k_valid.flip(1).cumsum(dim=1).flip(1) == 0
+        expected |= trailing[:, :, None] & k_valid[:, None, :]
     if not torch.equal(expected, allowed):
         return None
-    if bool(k_valid.all()):
+    single_segment = bool((segment.amax(dim=1) <= 1).all())
+    if bool(k_valid.all()) and single_segment:
         return {}
-    k_lens = k_valid.sum(dim=1)
-    q_lens = q_valid.sum(dim=1)
-    zero = k_lens.new_zeros(1)
+    calls = [_segments_call(k_valid, q_valid, segment, q_segment, causal, left)]
+    if bool(trailing.any()):
+        calls.append(_trailing_call(k_valid, trailing))
+    return {"calls": calls}
+
+
+def _packed_call(q_valid, k_valid, q_ids, k_ids, n_ids, causal, window) -> dict:
+    """One varlen call: valid queries / keys (B, T) bool, grouped by sequence ids (B, T) in
+    [0, n_ids) that grow along the flattened (batch, position) order."""
+    q_counts = torch.bincount(q_ids[q_valid], minlength=n_ids)
+    k_counts = torch.bincount(k_ids[k_valid], minlength=n_ids)
+    used = (q_counts > 0) | (k_counts > 0)
+    q_counts, k_counts = q_counts[used], k_counts[used]
+    zero = q_counts.new_zeros(1)
     return {
+        "causal": causal,
+        "window": window,
         "cu_seqlens": (
-            torch.cat([zero, q_lens.cumsum(0)]).to(torch.int32),
-            torch.cat([zero, k_lens.cumsum(0)]).to(torch.int32),
+            torch.cat([zero, q_counts.cumsum(0)]).to(torch.int32),
+            torch.cat([zero, k_counts.cumsum(0)]).to(torch.int32),
         ),
-        "max_seqlen": (int(q_lens.max()), int(k_lens.max())),
+        "max_seqlen": (int(q_counts.max()), int(k_counts.max())),
         "q_index": q_valid.flatten().nonzero().squeeze(1),
         "k_index": k_valid.flatten().nonzero().squeeze(1),
     }
+
+
+def _segments_call(k_valid, q_valid, segment, q_segment, causal, left) -> dict:
+    """The real queries, one sequence per (batch row, segment)."""
+    b, k_len = k_valid.shape
+    row = torch.arange(b, device=k_valid.device)[:, None] * (k_len + 1)
+    window = (left, 0) if left >= 0 else None
+    return _packed_call(
+        q_valid, k_valid, row + q_segment, row + segment, b * (k_len + 1), causal, window
+    )
+
+
+def _trailing_call(k_valid, trailing) -> dict:
+    """Right padding's padded queries: each sees every valid key of its row (non-causal)."""
+    b = k_valid.shape[0]
+    row = torch.arange(b, device=k_valid.device)[:, None]
+    return _packed_call(
+        trailing, k_valid, row.expand_as(trailing), row.expand_as(k_valid), b, False, None
+    )
 
 
 def _cached_mask_plan(mask, batch, q_len, k_len, causal, left) -> dict | None:
@@ -282,19 +339,25 @@ def _mask_accepted(query, key, value, mask, dropout) -> bool:
     return True
 
 
-def _varlen_attention(query, key, value, plan, **options) -> torch.Tensor:
-    """Attention of the valid queries over the valid keys, packed; (B, Tq, Hq, D) with zeros
-    at padded query positions."""
+def _varlen_attention(query, key, value, plan, dropout_p, scale) -> torch.Tensor:
+    """The plan's packed calls; (B, Tq, Hq, D) with zeros where no call writes."""
     b, hq, q_len, d = query.shape
-    q = query.transpose(1, 2).reshape(b * q_len, hq, d).index_select(0, plan["q_index"])
-    k, v = (
-        t.transpose(1, 2).reshape(-1, t.shape[1], d).index_select(0, plan["k_index"])
-        for t in (key, value)
-    )
-    packed = attention(
-        q, k, v, cu_seqlens=plan["cu_seqlens"], max_seqlen=plan["max_seqlen"], **options
-    )  # (total_q, Hq, D)
-    out = packed.new_zeros(b * q_len, hq, d).index_copy(0, plan["q_index"], packed)
+    flat_q = query.transpose(1, 2).reshape(b * q_len, hq, d)
+    flat_k, flat_v = (t.transpose(1, 2).reshape(-1, t.shape[1], d) for t in (key, value))
+    out = query.new_zeros(b * q_len, hq, d)
+    for call in plan["calls"]:
+        packed = attention(
+            flat_q.index_select(0, call["q_index"]),
+            flat_k.index_select(0, call["k_index"]),
+            flat_v.index_select(0, call["k_index"]),
+            causal=call["causal"],
+            window=call["window"],
+            cu_seqlens=call["cu_seqlens"],
+            max_seqlen=call["max_seqlen"],
+            dropout_p=dropout_p,
+            scale=scale,
+        )  # (total_q, Hq, D)
+        out = out.index_copy(0, call["q_index"], packed)
     return out.view(b, q_len, hq, d)
 
 
@@ -321,11 +384,11 @@ def turbolm_attention_forward(
     static cache) only the first Tq keys count; one query row attends to every key.
 
     With a mask, the op gets it as it is when the backend it chooses takes masks (reference,
-    torch). When it does not (triton), a mask that is exactly key padding + causal + the
-    family's ``sliding_window`` (checked element by element, see :func:`_mask_plan`) becomes
-    the op's ``window`` and, with padding, a packed variable-length batch of the valid tokens
-    (padded query positions output zeros); any other mask goes to the op unchanged, which
-    then says why that backend cannot run it.
+    torch). When it does not (triton), a mask that is exactly padding (left or right) and
+    packed sequences under causal + the family's ``sliding_window`` (checked element by
+    element, see :func:`_mask_plan`) becomes the op's ``window`` and packed variable-length
+    calls over the valid tokens; any other mask goes to the op unchanged, which then says
+    why that backend cannot run it.
     """
     for name in UNSUPPORTED_ATTENTION_KWARGS:
         if kwargs.get(name) is not None:
@@ -357,11 +420,11 @@ def turbolm_attention_forward(
         left = sliding_window - 1 if sliding_window else -1
         shape = (query.shape[0], q_len, key.shape[2])
         plan = _cached_mask_plan(attention_mask, *shape, bool(is_causal), left)
+        if plan == {}:
+            window = (left, 0) if left >= 0 else None
+            out = attention(query, key, value, causal=bool(is_causal), window=window, **options)
+            return out.transpose(1, 2).contiguous(), None
         if plan is not None:
-            options.update(causal=bool(is_causal), window=(left, 0) if left >= 0 else None)
-            if not plan:
-                out = attention(query, key, value, **options)
-                return out.transpose(1, 2).contiguous(), None
             return _varlen_attention(query, key, value, plan, **options), None
     out = attention(query, key, value, attn_mask=attention_mask, **options)
     return out.transpose(1, 2).contiguous(), None
