@@ -231,3 +231,35 @@ def test_torch_backend_keeps_padding_masks_small(monkeypatch):
     ref = attention_reference(q.double(), k.double(), v.double(), attn_mask=mask)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
     assert not out[0, :, :2].any()  # rows that see no key are zeros
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_torch_backend_one_dimensional_mask(kind):
+    """A (Tk,) mask broadcasts like any other (SDPA itself takes 2+ dims)."""
+    q = torch.randn(2, 4, 3, 16)
+    k = v = torch.randn(2, 2, 5, 16)
+    mask = torch.tensor([True, False, True, True, False])
+    if kind == "additive":
+        mask = torch.zeros(5).masked_fill(~mask, float("-inf"))
+    out = attention(q, k, v, attn_mask=mask, backend="torch")
+    ref = attention_reference(q.double(), k.double(), v.double(), attn_mask=mask)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_torch_backend_large_fp32_bias_on_half_inputs():
+    """-1e9 from an fp32 mask stays finite in fp16 (clamped to fp16's lowest value): a row
+    biased that way everywhere still attends (the constant cancels in the softmax), where a
+    plain cast would make it all -inf and the row zeros."""
+    q = torch.randn(1, 1, 2, 16, dtype=torch.float16)
+    k = v = torch.randn(1, 1, 3, 16, dtype=torch.float16)
+    bias = torch.zeros(2, 3)
+    bias[0] = -1e9
+    out = attention(q, k, v, attn_mask=bias, backend="torch")
+    assert torch.isfinite(out).all() and out[0, 0, 0].abs().sum() > 0
+
+
+def test_mask_that_broadcasts_with_but_not_to_the_scores_is_a_shape_error():
+    q = torch.randn(1, 2, 3, 16)
+    k = v = torch.randn(1, 2, 3, 16)
+    with pytest.raises(ShapeError, match="does not broadcast"):
+        attention(q, k, v, attn_mask=torch.ones(2, 1, 3, 3, dtype=torch.bool), backend="torch")

@@ -883,3 +883,30 @@ def test_revert_of_the_whole_model_undoes_a_sub_model_patch():
     assert model.config._attn_implementation == "turbolm"
     assert revert_turbolm(model) == 4
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_hf_all_padding_batch_on_triton():
+    """No query sees any key: zeros from the attention, as on the other backends."""
+    device = triton_device()
+    model = tiny_hf_model("llama", num_hidden_layers=1).to(device)
+    apply_turbolm(model)
+    ids = torch.randint(3, 97, (2, 5), device=device)
+    empty = torch.zeros(2, 5, dtype=torch.long, device=device)
+    expected = model(ids, attention_mask=empty).logits
+    with turbolm.use_backend("attention=triton"):
+        got = model(ids, attention_mask=empty).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_mask_plan_cache_follows_the_mask_not_its_copies():
+    k_valid = torch.ones(2, 6, dtype=torch.bool)
+    k_valid[0, :2] = False
+    mask = sdpa_style_mask(k_valid, 6)
+    first = hf_patching._cached_mask_plan(mask, 2, 6, 6, True, -1)
+    assert hf_patching._cached_mask_plan(mask, 2, 6, 6, True, -1) is first
+    for copy_of in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))):
+        other = copy_of(mask)
+        other[1, 0, 3, :] = False  # a hole: no plan; a stale one would be wrong
+        assert hf_patching._cached_mask_plan(other, 2, 6, 6, True, -1) is None
+    mask[1, 0, 3, :] = False  # in place on the original: seen through its version counter
+    assert hf_patching._cached_mask_plan(mask, 2, 6, 6, True, -1) is None

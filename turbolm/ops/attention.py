@@ -177,15 +177,25 @@ def _sdpa(q, k, v, causal, dropout_p, attn_mask, scale, window, unmasked, gqa):
             q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, **extra
         )
     allowed, bias = _allowed_and_bias(q, k, causal, attn_mask, window)
-    mask = bias.to(q.dtype) if bias is not None else None
+    mask = None
+    if bias is not None:
+        mask = bias.to(q.dtype)
+        if bias.dtype != q.dtype:
+            # A large finite fp32 bias (-1e9) must not become -inf in fp16 / bf16.
+            overflow = torch.isinf(mask) & torch.isfinite(bias)
+            mask = mask.masked_fill(overflow & (bias < 0), torch.finfo(q.dtype).min)
     empty_rows = None
     if allowed is not None:
+        if allowed.dim() < 2:
+            allowed = allowed.reshape(1, -1)  # (Tk,) -> (1, Tk): one row per query
         empty_rows = ~allowed.any(dim=-1, keepdim=True)
         allowed = allowed | empty_rows
         if mask is None:
             mask = allowed
         else:
             mask = torch.where(allowed, mask, float("-inf"))
+    if mask is not None and mask.dim() < 2:
+        mask = mask.reshape(1, -1)  # SDPA takes masks of 2+ dims
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, **extra
     )
@@ -323,8 +333,10 @@ def _check_attention_inputs(q, k, v, attn_mask, dropout_p, scale, layout="bhsd")
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool:
             check_float("attn_mask", attn_mask)
+        target = (b, hq, q.shape[2], k.shape[2])
         try:
-            torch.broadcast_shapes(attn_mask.shape, (b, hq, q.shape[2], k.shape[2]))
+            if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
+                raise RuntimeError("broadcasts with, not to, the target")
         except RuntimeError:
             raise ShapeError(
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "

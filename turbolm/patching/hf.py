@@ -33,6 +33,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from turbolm.errors import BackendError, InputError
 from turbolm.ops import registry
@@ -218,9 +219,9 @@ def _mask_plan(
     ``causal`` and ``window=(left, 0)`` rule inside each segment, bottom-right aligned, with
     the Tq queries at the last Tq key positions; and, when Tq == Tk, padded queries after the
     row's last real token that see the row's keys (right padding: they get one more,
-    non-causal call, so their outputs are SDPA's too). Padded queries that see nothing
-    output zeros. The description is checked against every element of ``mask``, so a mask
-    it does not reproduce exactly is never replaced.
+    non-causal call, so their outputs are SDPA's too). Left padding's padded queries see
+    nothing and output zeros. The description is checked against every element of ``mask``,
+    so a mask it does not reproduce exactly is never replaced.
 
     Returns {} (one segment per row, no padding: causal / window alone), or
     ``{"calls": [...]}``, each call a dict of ``causal``, ``window``, ``cu_seqlens``,
@@ -231,6 +232,8 @@ def _mask_plan(
     if k_len < q_len or q_len == 0 or (left >= 0 and not causal):
         return None
     allowed = mask[:, 0]  # (B, Tq, Tk)
+    if not bool(allowed.any()):
+        return {"calls": []}  # no query sees a key: all zeros
     device = mask.device
     offset = k_len - q_len  # query i sits at key position offset + i
     k_valid = allowed.any(dim=1)  # (B, Tk): keys some query may see
@@ -310,19 +313,27 @@ def _trailing_call(k_valid, trailing) -> dict:
     )
 
 
+# mask tensor -> {call shape: plan}; entries go with their mask (a weak reference each).
+_PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def _cached_mask_plan(mask, batch, q_len, k_len, causal, left) -> dict | None:
     """:func:`_mask_plan`, computed once per mask tensor: transformers hands every layer the
-    same mask object, so the checks and host syncs happen once per forward. The cache
-    follows in-place changes through the tensor's version counter (inference tensors have
-    none: their masks are planned on every call); writes through ``mask.data`` bypass it."""
+    same mask object, so the checks and host syncs happen once per forward. The cache is
+    keyed on the tensor object and its version counter, so in-place changes are seen;
+    inference tensors have no version counter, their masks are planned on every call;
+    writes through ``mask.data`` bypass the counter."""
     args = (mask, batch, q_len, k_len, causal, left)
     if mask.is_inference():
         return _mask_plan(*args)
-    plans = mask.__dict__.setdefault("_turbolm_plans", {})
     key = (batch, q_len, k_len, causal, left, mask._version)
-    if key not in plans:
-        plans[key] = _mask_plan(*args)
-    return plans[key]
+    plans = _PLANS.get(mask)
+    if plans is None or plans[0] != mask._version:
+        plans = (mask._version, {})  # keep the current version's plans only
+        _PLANS[mask] = plans
+    if key not in plans[1]:
+        plans[1][key] = _mask_plan(*args)
+    return plans[1][key]
 
 
 def _mask_accepted(query, key, value, mask, dropout) -> bool:
