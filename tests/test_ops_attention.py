@@ -263,3 +263,26 @@ def test_mask_that_broadcasts_with_but_not_to_the_scores_is_a_shape_error():
     k = v = torch.randn(1, 2, 3, 16)
     with pytest.raises(ShapeError, match="does not broadcast"):
         attention(q, k, v, attn_mask=torch.ones(2, 1, 3, 3, dtype=torch.bool), backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_row_hidden_by_an_additive_mask_is_zeros_with_finite_gradients(backend):
+    q = torch.randn(1, 2, 3, 16, requires_grad=True)
+    k = torch.randn(1, 2, 4, 16, requires_grad=True)
+    v = torch.randn(1, 2, 4, 16, requires_grad=True)
+    bias = torch.randn(3, 4)
+    bias[1] = float("-inf")  # query 1 sees nothing
+    bias[2, :2] = float("-inf")
+    out = attention(q, k, v, attn_mask=bias, backend=backend)
+    assert not out[:, :, 1].any() and torch.isfinite(out).all()
+    out.square().sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert not q.grad[:, :, 1].any()
+    # The other rows: the bool mask of the -inf entries plus the finite bias.
+    ref = attention_reference(
+        q.detach().double(), k.detach().double(), v.detach().double(),
+        attn_mask=bias.masked_fill(bias.isinf(), -1e30).double(),
+    )  # fmt: skip
+    keep = [0, 2]
+    torch.testing.assert_close(out[:, :, keep].double(), ref[:, :, keep], atol=1e-5, rtol=1e-4)

@@ -111,7 +111,12 @@ def _allowed_and_bias(q, k, causal, attn_mask, window=None):
         if attn_mask.dtype == torch.bool:
             allowed = attn_mask if allowed is None else allowed & attn_mask
         else:
-            bias = attn_mask
+            # -inf entries of an additive mask hide keys: they join `allowed`, so a row they
+            # hide entirely outputs zeros (with zero, finite gradients) like any row that sees
+            # no key, instead of NaN.
+            visible = ~torch.isneginf(attn_mask)
+            allowed = visible if allowed is None else allowed & visible
+            bias = attn_mask.masked_fill(~visible, 0.0)
     return allowed, bias
 
 
