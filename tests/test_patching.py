@@ -910,3 +910,31 @@ def test_mask_plan_cache_follows_the_mask_not_its_copies():
         assert hf_patching._cached_mask_plan(other, 2, 6, 6, True, -1) is None
     mask[1, 0, 3, :] = False  # in place on the original: seen through its version counter
     assert hf_patching._cached_mask_plan(mask, 2, 6, 6, True, -1) is None
+
+
+def test_patched_hf_model_loads_in_a_fresh_process(tmp_path):
+    """torch.save of a whole patched transformers model: a new interpreter rebuilds the
+    patched RMSNorm classes (made at patch time) and gives the same logits."""
+    import subprocess
+    import sys
+
+    model = tiny_hf_model("gemma", num_hidden_layers=1)
+    apply_turbolm(model)
+    ids, mask = ids_and_padding()
+    torch.save({"model": model, "ids": ids, "mask": mask}, tmp_path / "m.pt")
+    torch.save(model(ids, attention_mask=mask).logits, tmp_path / "logits.pt")
+    script = (
+        "import sys, torch\n"
+        "saved = torch.load(sys.argv[1], weights_only=False)\n"  # our own file, just written
+        "model = saved['model']\n"
+        "assert type(model.model.norm).__name__ == 'TurbolmGemmaRMSNorm', type(model.model.norm)\n"
+        "logits = model(saved['ids'], attention_mask=saved['mask']).logits\n"
+        "torch.testing.assert_close(logits, torch.load(sys.argv[2]), atol=1e-6, rtol=1e-5)\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "m.pt"), str(tmp_path / "logits.pt")],
+        capture_output=True, text=True, cwd=root, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

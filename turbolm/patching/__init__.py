@@ -109,7 +109,7 @@ def apply_turbolm(
     for name, hf_model in hf_models if attention else ():
         before = hf.patch_attention(hf_model, report, name)
         if before is not None:
-            hf_model.__dict__[_ATTENTION_BEFORE_ATTR] = before
+            hf_model.__dict__[_ATTENTION_BEFORE_ATTR] = hf.AttentionSwitch(before)
             report.attention_before = before
     return report
 
@@ -121,9 +121,9 @@ def revert_turbolm(model: torch.nn.Module) -> int:
     restored = 0
     for module in model.modules():
         restored += restore_class(module)
-        before = module.__dict__.pop(_ATTENTION_BEFORE_ATTR, None)
-        if before is not None:
-            hf.revert_attention(module, before)
+        switch = module.__dict__.pop(_ATTENTION_BEFORE_ATTR, None)
+        if switch is not None:
+            hf.revert_attention(module, switch.before)
             restored += 1
     return restored
 

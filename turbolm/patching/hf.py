@@ -30,6 +30,7 @@ and no mask at all where causal alignment suffices), and switches the model to i
 
 from __future__ import annotations
 
+import copyreg
 import warnings
 
 import torch
@@ -141,6 +142,42 @@ def _probe_style(cls: type, module: torch.nn.Module, eps_attr: str) -> str | Non
     return None
 
 
+class PatchedRMSNormType(type):
+    """Metaclass of the patched RMSNorm classes: they are made at patch time, so pickle
+    cannot find them by name; it stores (original class, eps attribute, formula) instead
+    (registered with ``copyreg`` below) and makes the class again when it loads, in any
+    process that can import turbolm and the original class."""
+
+
+def rmsnorm_class_for(base: type, eps_attr: str, style: str) -> type:
+    """The patched subclass of ``base`` computing ``style`` (made once per (base, eps_attr))."""
+    key = (base, eps_attr)
+    known = _PATCHED_CLASSES.get(key)
+    if isinstance(known, type):
+        return known
+    patched = PatchedRMSNormType(
+        f"Turbolm{base.__name__}",
+        (base,),
+        {
+            "forward": _STYLES[style],
+            "__module__": __name__,
+            "__doc__": f"{base.__name__} running turbolm.ops.rms_norm ({style}).",
+            "_turbolm_base": base,
+            "_turbolm_eps_attr": eps_attr,
+            "_turbolm_style": style,
+        },
+    )
+    _PATCHED_CLASSES[key] = patched
+    return patched
+
+
+def _reduce_patched_class(cls: PatchedRMSNormType):
+    return rmsnorm_class_for, (cls._turbolm_base, cls._turbolm_eps_attr, cls._turbolm_style)
+
+
+copyreg.pickle(PatchedRMSNormType, _reduce_patched_class)
+
+
 def patched_rmsnorm_class(module: torch.nn.Module) -> type | str:
     """The patched subclass for ``module``, or why it cannot be patched.
 
@@ -154,31 +191,15 @@ def patched_rmsnorm_class(module: torch.nn.Module) -> type | str:
         return "no 1-D weight parameter"
     if eps_attr is None:
         return "no numeric variance_epsilon / eps attribute"
-    key = (cls, eps_attr)
-    known = _PATCHED_CLASSES.get(key)
+    known = _PATCHED_CLASSES.get((cls, eps_attr))
     if known is not None:
         return known
     style = _probe_style(cls, module, eps_attr)
     if style is None:
-        result: type | str = "its forward matches neither RMSNorm formula turbolm implements"
-    else:
-        result = type(
-            f"Turbolm{cls.__name__}",
-            (cls,),
-            {
-                "forward": _STYLES[style],
-                "__module__": __name__,
-                "__doc__": f"{cls.__name__} running turbolm.ops.rms_norm ({style}).",
-                "_turbolm_base": cls,
-                "_turbolm_eps_attr": eps_attr,
-                "_turbolm_style": style,
-            },
-        )
-        # Importable by name, so a patched model can be pickled within this process.
-        globals()[f"{result.__name__}_{eps_attr}"] = result
-        result.__qualname__ = f"{result.__name__}_{eps_attr}"
-    _PATCHED_CLASSES[key] = result
-    return result
+        reason = "its forward matches neither RMSNorm formula turbolm implements"
+        _PATCHED_CLASSES[(cls, eps_attr)] = reason
+        return reason
+    return rmsnorm_class_for(cls, eps_attr, style)
 
 
 def _is_rmsnorm_candidate(module: torch.nn.Module) -> bool:
@@ -439,6 +460,25 @@ def turbolm_attention_forward(
             return _varlen_attention(query, key, value, plan, **options), None
     out = attention(query, key, value, attn_mask=attention_mask, **options)
     return out.transpose(1, 2).contiguous(), None
+
+
+class AttentionSwitch:
+    """Kept on a patched transformers model (in its ``__dict__``): the attention
+    implementation it had before. Unpickling it registers ``"turbolm"`` with transformers, so
+    a whole patched model saved with ``torch.save`` runs in a process that never patched."""
+
+    __slots__ = ("before",)
+
+    def __init__(self, before: str):
+        self.before = before
+
+    def __reduce__(self):
+        return _registered_switch, (self.before,)
+
+
+def _registered_switch(before: str) -> AttentionSwitch:
+    register_attention()
+    return AttentionSwitch(before)
 
 
 def register_attention() -> None:
