@@ -498,3 +498,18 @@ def test_transformer_encoder_layer_with_swapped_self_attn_trains(op_calls):
             torch.testing.assert_close(p, q, **TOL[torch.float64], msg=name)
             torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float64], msg=name)
     assert len(op_calls) == 3
+
+
+def test_torchscript_is_refused_with_a_clear_error():
+    """TorchScript cannot compile the forward: a typed error that says what to do instead;
+    the model is left as it was."""
+    from turbolm.errors import InputError
+    from turbolm.patching import apply_turbolm, revert_turbolm
+
+    layer = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0)
+    apply_turbolm(layer, norm=False)
+    with pytest.raises(InputError, match="torch.jit.script.*revert_turbolm"):
+        torch.jit.script(layer)
+    assert type(layer.self_attn) is MultiheadAttention
+    revert_turbolm(layer)
+    torch.jit.script(layer)

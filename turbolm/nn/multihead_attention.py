@@ -23,7 +23,11 @@ picks the kernel: ``turbolm.use_backend(...)``) and ``out_proj`` when all of the
 
 Anything else calls ``torch.nn.MultiheadAttention.forward`` unchanged (exactly torch's result,
 including its own native fast path and its errors). :meth:`MultiheadAttention.why_not_fast_path`
-says which rule a call breaks.
+says which rule a call breaks. A fast-path call under a backend named explicitly
+(``turbolm.use_backend("attention=triton")``) that this backend cannot run (a mask, for
+triton) raises its ``BackendError``, as named backends do everywhere in turbolm.
+``torch.jit.script`` is refused with an ``InputError`` (``torch.compile`` and
+``torch.export`` work).
 
 Semantics on the fast path follow ``torch.nn.functional.multi_head_attention_forward`` with
 ``need_weights=False`` (torch 2.14):
@@ -55,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import has_torch_function
 
+from turbolm.errors import InputError
 from turbolm.ops.attention import attention
 
 
@@ -79,6 +84,16 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     * returns ``(attn_output, None)`` on the fast path, ``attn_output`` shaped like ``query``
       (with E channels); torch's ``(attn_output, attn_weights)`` otherwise.
     """
+
+    def __prepare_scriptable__(self):
+        """TorchScript cannot compile this forward; say so plainly (torch's own message is
+        about comprehensions). Handing TorchScript torch's class instead would work, but
+        ``torch.jit.script`` then puts that copy into the parent module, unpatching the eager
+        model behind the user's back."""
+        raise InputError(
+            "turbolm.nn.MultiheadAttention cannot be compiled by torch.jit.script; use "
+            "torch.compile or torch.export, or turbolm.patching.revert_turbolm(model) first"
+        )
 
     def forward(
         self,
@@ -262,7 +277,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 warnings.warn(  # torch.nn.functional._canonical_mask's warning
                     "Support for mismatched key_padding_mask and attn_mask is deprecated. "
                     "Use same type for both instead.",
-                    stacklevel=3,
+                    stacklevel=2,
                 )
         batched = query.dim() == 3
         seq_first = batched and not self.batch_first
