@@ -505,21 +505,16 @@ def main(argv=None) -> list[dict]:
         notes.append(
             f"Time budget ({budget:.0f} s, --budget-s) reached; not measured: " + "; ".join(cut)
         )
-    saved_argv = sys.argv
-    if argv is not None:  # called as a function: the Markdown's command line is this call's
-        sys.argv = ["benchmarks/bench_norm.py", *argv]
-    try:
-        folder = write_results(
-            results,
-            device,
-            args.name,
-            "LayerNorm / RMSNorm kernels",
-            notes,
-            args.out,
-            functools.partial(plot, ceiling=ceiling),
-        )
-    finally:
-        sys.argv = saved_argv
+    folder = write_results(
+        results,
+        device,
+        args.name,
+        "LayerNorm / RMSNorm kernels",
+        notes,
+        args.out,
+        functools.partial(plot, ceiling=ceiling),
+        argv=None if argv is None else ["benchmarks/bench_norm.py", *argv],
+    )
     png = folder / f"{args.name}.png"
     print(
         f"wrote {folder}/{args.name}.csv and .md"

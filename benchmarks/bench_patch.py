@@ -526,21 +526,16 @@ def parse_args(argv=None):
 
 
 def write(rows, args, notes, argv) -> Path:
-    saved_argv = sys.argv
-    if argv is not None:  # called as a function: the Markdown's command line is this call's
-        sys.argv = ["benchmarks/bench_patch.py", *argv]
-    try:
-        folder = write_results(
-            rows,
-            args.device,
-            args.name,
-            "apply_turbolm on a Hugging Face causal LM",
-            notes,
-            args.out,
-            plot,
-        )
-    finally:
-        sys.argv = saved_argv
+    folder = write_results(
+        rows,
+        args.device,
+        args.name,
+        "apply_turbolm on a Hugging Face causal LM",
+        notes,
+        args.out,
+        plot,
+        argv=None if argv is None else ["benchmarks/bench_patch.py", *argv],
+    )
     png = folder / f"{args.name}.png"
     print(
         f"wrote {folder}/{args.name}.csv and .md"

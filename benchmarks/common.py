@@ -167,14 +167,16 @@ def environment(device: str) -> dict[str, str]:
     return info
 
 
-def command_line() -> str:
-    """The command that produced the results, with the environment variables that matter."""
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that produced the results (``argv``, default ``sys.argv``), with the
+    environment variables that matter."""
     env = [
         f"{k}={shlex.quote(v)}"
         for k, v in sorted(os.environ.items())
         if k.startswith("TURBOLM_") or k in ("MAX_JOBS", "OMP_NUM_THREADS", "TRITON_INTERPRET")
     ]
-    return " ".join([*env, "python", *(shlex.quote(a) for a in sys.argv)])
+    argv = sys.argv if argv is None else argv
+    return " ".join([*env, "python", *(shlex.quote(a) for a in argv)])
 
 
 def write_results(
@@ -185,9 +187,12 @@ def write_results(
     notes: Sequence[str] = (),
     out_dir: str | Path | None = None,
     plot: Callable[[Sequence[dict], Path], None] | None = None,
+    argv: Sequence[str] | None = None,
 ) -> Path:
     """Write ``<name>.csv`` and ``<name>.md`` (and ``<name>.png`` via ``plot``) under
-    ``out_dir`` (default ``benchmarks/results/<device tag>/``); returns the folder."""
+    ``out_dir`` (default ``benchmarks/results/<device tag>/``); returns the folder.
+    ``argv``: the command line the Markdown records (default ``sys.argv``; a benchmark's
+    ``main(argv)`` called as a function passes its own)."""
     folder = Path(out_dir) if out_dir else RESULTS / device_tag(device)
     folder.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0]) if rows else []
@@ -196,7 +201,7 @@ def write_results(
         writer.writeheader()
         writer.writerows(rows)
     env = environment(device)
-    lines = [f"# {title}", "", f"Command: `{command_line()}`", ""]
+    lines = [f"# {title}", "", f"Command: `{command_line(argv)}`", ""]
     lines += [" | ".join(f"{k}: {v}" for k, v in env.items()), ""]
     lines += [f"* {note}" for note in notes] + ([""] if notes else [])
     lines.append("| " + " | ".join(columns) + " |")
