@@ -207,3 +207,19 @@ def test_generate_argument_errors(transformer, kwargs, match):
     args = {"prompt_ids": [1, 2], "max_new_tokens": 3, **kwargs}
     with pytest.raises(InputError, match=match):
         generate_tokens(transformer, **args)  # raised at the call, before iteration
+
+
+def test_restores_modes_of_modules_that_override_train(transformer):
+    calls = []
+
+    class Tracked(torch.nn.Identity):
+        def train(self, mode: bool = True):
+            calls.append(mode)
+            return super().train(mode)
+
+    transformer.extra = Tracked()  # not used by forward; its train() must still be honoured
+    transformer.train()
+    calls.clear()
+    assert len(list(generate_tokens(transformer, [1, 2], 2, temperature=0))) == 2
+    assert False in calls  # eval() ran, through the override
+    assert transformer.training and transformer.extra.training

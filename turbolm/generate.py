@@ -102,14 +102,27 @@ def _check_id(name: str, value, vocab_size: int | None) -> int:
 
 
 def _call_in_eval(model: nn.Module, fn, *args):
-    """``fn(*args)`` with every module of ``model`` in eval mode; restores each module's flag."""
+    """``fn(*args)`` with every module of ``model`` in eval mode; restores each module's flag.
+
+    This runs once per generated token, so an already-evaluating model costs one walk over
+    its modules, and modules in training mode get their flag set directly rather than through
+    the recursive ``eval()``, unless one of them overrides ``train()`` (then ``eval()`` runs).
+    """
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    training = [m for m, mode in modes if mode]
+    if not training:
+        return fn(*args)
+    if any(type(m).train is not nn.Module.train for m in training):
+        model.eval()
+    else:
+        for module in training:
+            module.training = False
     try:
         return fn(*args)
     finally:
         for module, mode in modes:
-            module.training = mode
+            if module.training != mode:
+                module.training = mode
 
 
 def generate_tokens(
