@@ -245,6 +245,51 @@ def test_torch_compile_fullgraph(built, compile_backend):
         torch.testing.assert_close(g, e)
 
 
+# ---- double backward ------------------------------------------------------------------------
+
+
+def _kernel_backend_params():
+    params = [pytest.param("cpu", id="cpu")]
+    if INTERPRET or HAS_CUDA:
+        params.append(pytest.param("triton", id="triton"))
+    return params
+
+
+@pytest.mark.parametrize("backend", _kernel_backend_params())
+@pytest.mark.parametrize("op", OPS)
+def test_double_backward_raises_instead_of_dropping_terms(request, backend, op):
+    """A gradient penalty through a kernel backend (create_graph=True, then a gradient of the
+    input gradient w.r.t. a weight upstream of the norm) raises BackendError: the kernels'
+    backward builds no graph, and the penalty silently lost the norm's second-order terms
+    (off by ~100% against torch.nn). First-order gradients under create_graph=True still work."""
+    if backend == "cpu":
+        request.getfixturevalue("built")
+    device = "cuda" if HAS_CUDA and backend == "triton" else "cpu"
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8, device=device)
+    weight = torch.randn(8, device=device, requires_grad=True)
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    fn = layer_norm if op == "layer_norm" else rms_norm
+
+    def penalty_inputs(name):
+        y = fn(lin(x), 8, weight, backend=name)
+        (gx,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x, create_graph=True)
+        return gx
+
+    gx = penalty_inputs(backend)
+    with pytest.raises(BackendError, match=f"{op}: the '{backend}' backend's backward is not"):
+        torch.autograd.grad(gx.square().sum(), lin.weight)
+    # torch / reference do double backward
+    gx = penalty_inputs("torch")
+    assert torch.autograd.grad(gx.square().sum(), lin.weight)[0].abs().sum() > 0
+    # first-order gradients with create_graph=True: the kernels' values
+    y = fn(lin(x), 8, weight, backend=backend)
+    grads = torch.autograd.grad(y.square().sum(), (x, weight), create_graph=True)
+    y = fn(lin(x), 8, weight, backend="torch")
+    for g, e in zip(grads, torch.autograd.grad(y.square().sum(), (x, weight))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
 # ---- typed errors ---------------------------------------------------------------------------
 
 

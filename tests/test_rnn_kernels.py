@@ -36,6 +36,7 @@ from turbolm.ops import registry, rnn_kernels  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 
 HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -425,6 +426,39 @@ def test_typed_errors_from_the_ops(built):
         ext.call(built.rnn_layer_fwd, x, h0, c0, lens, [weights[0][:, :2]] + weights[1:], *rest)
     with pytest.raises(Exception, match="lengths must be in"):
         ext.call(built.rnn_layer_fwd, x, h0, c0, torch.tensor([1, 9, 2]), weights, *rest)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"] if HAS_CUDA or INTERPRET else ["cpu"])
+@pytest.mark.parametrize("mode", ("lstm", "gru_cell"))
+def test_double_backward_raises_instead_of_dropping_terms(request, backend, mode):
+    """create_graph=True through a kernel backend, then a gradient of the input gradient (a
+    gradient penalty): BackendError, not the silently incomplete second derivative (the
+    kernels' backward builds no graph). First-order gradients under create_graph still work."""
+    from turbolm.nn import LSTM, GRUCell
+
+    if backend == "cpu":
+        request.getfixturevalue("built")
+    device = "cuda" if HAS_CUDA and backend == "triton" else "cpu"
+    torch.manual_seed(0)
+    module = (LSTM(4, 5, num_layers=2) if mode == "lstm" else GRUCell(4, 5)).to(device)
+    x = torch.randn(3, 2, 4, device=device, requires_grad=True)
+    if mode != "lstm":
+        x = x[0].detach().requires_grad_()
+
+    def run(name):
+        with registry.use_backend(name):
+            out = module(x)
+        return (out[0] if mode == "lstm" else out).sum()
+
+    (gx,) = torch.autograd.grad(run(backend), x, create_graph=True)
+    with pytest.raises(BackendError, match=f"the '{backend}' backend's backward is not"):
+        torch.autograd.grad(gx.square().sum(), next(module.parameters()))
+    (gx,) = torch.autograd.grad(run("torch"), x, create_graph=True)  # torch: supported
+    torch.autograd.grad(gx.square().sum(), next(module.parameters()))
+    got = torch.autograd.grad(run(backend), list(module.parameters()), create_graph=True)
+    want = torch.autograd.grad(run("torch"), list(module.parameters()))
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
 # --- backend selection -------------------------------------------------------------------------
