@@ -332,6 +332,12 @@ def test_transformer_rules_do_not_apply_to_rnn():
         load_config(None, ["model.arch=rnn", "model.d_hidden=0"])
 
 
+def test_activation_checkpointing_is_for_the_transformer():
+    assert load_config(None, ["train.activation_checkpointing=true"]).train.activation_checkpointing
+    with pytest.raises(ConfigError, match="'train.activation_checkpointing'.*transformer"):
+        load_config(None, ["model.arch=rnn", "train.activation_checkpointing=true"])
+
+
 def test_bytes_tokenizer_ignores_vocab_size_floor():
     assert load_config(None, ["tokenizer=bytes", "vocab_size=10"]).data.tokenizer == "bytes"
 

@@ -201,7 +201,7 @@ WORKER = textwrap.dedent(
 
 def test_zero_1_2_3_match_a_single_process_run(prepared, tmp_path):
     """Transformer (tied embeddings) and LSTM LM, 20 steps on 2 ranks under ZeRO-1, 2 and 3
-    (and ZeRO-3 with parameter + optimizer offload), give the per-step train losses and the
+    (and ZeRO-3 with parameter + optimizer offload, and with activation checkpointing), give the per-step train losses and the
     val losses of one process trained on the union of the ranks' micro-batches."""
     common = [f"data.dir={prepared}", *TINY, "train.max_steps=20", "train.eval_every=10"]
     offload = json.loads((DS_CONFIGS / "zero3_offload.json").read_text())
@@ -212,6 +212,7 @@ def test_zero_1_2_3_match_a_single_process_run(prepared, tmp_path):
         "t_z2": ("t", 2, DS_CONFIGS / "zero2.json"),
         "t_z3": ("t", 1, DS_CONFIGS / "zero3.json"),
         "t_z3off": ("t", 1, tmp_path / "offload.json"),
+        "t_z3ckpt": ("t", 1, DS_CONFIGS / "zero3.json"),  # + activation checkpointing
         "r_z1": ("r", 1, DS_CONFIGS / "zero1.json"),
         "r_z2": ("r", 1, DS_CONFIGS / "zero2.json"),
         "r_z3": ("r", 1, DS_CONFIGS / "zero3.json"),
@@ -223,6 +224,7 @@ def test_zero_1_2_3_match_a_single_process_run(prepared, tmp_path):
 
     spec = [
         [*overrides(arch, accum, tmp_path / name), f"train.deepspeed={ds}"]
+        + (["train.activation_checkpointing=true"] if name.endswith("ckpt") else [])
         for name, (arch, accum, ds) in jobs.items()
     ]
     (tmp_path / "jobs.json").write_text(json.dumps(spec))

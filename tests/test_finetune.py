@@ -18,6 +18,7 @@ import torch
 import turbolm.finetune  # noqa: F401  (sets HF_HUB_OFFLINE before anything imports peft)
 from turbolm.cli import main
 from turbolm.data import Tokenizer
+from turbolm.errors import ConfigError
 from turbolm.models import build_model
 from turbolm.train.checkpoint import save_checkpoint
 
@@ -800,3 +801,39 @@ def test_integer_labels_and_split_from_data(bases, labelled, tmp_path, capsys):
         ],
         '"alpha" is not one of the 3 labels',
     )
+
+
+@pytest.mark.parametrize("task", ["lm", "classify"])
+def test_activation_checkpointing_with_lora_trains_identically(
+    task, bases, labelled, text_dir, tmp_path
+):
+    """LoRA on frozen blocks with recomputation: the same losses as without (non-reentrant
+    checkpointing needs no grad-requiring block input, unlike the reentrant variant)."""
+    data = (
+        [f"finetune.data=[{text_dir}]", "finetune.max_len=16"]
+        if task == "lm"
+        else [f"finetune.data=[{labelled['train']}]", f"finetune.val_data=[{labelled['val']}]"]
+    )
+    losses = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        ft, _ = _finetune_api(
+            bases["transformer"],
+            out,
+            [*data, f"task={task}", "lora.r=4", "lora.dropout=0.1",
+             f"train.activation_checkpointing={flag}"],
+        )  # fmt: skip
+        assert ft.lm.activation_checkpointing is (flag == "true")
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[flag] = [r["loss"] for r in records if "lr" in r]
+    assert len(losses["true"]) == 4 and losses["true"] == losses["false"]
+
+
+def test_activation_checkpointing_refused_for_rnn_bases(bases, text_dir, tmp_path):
+    with pytest.raises(ConfigError, match="activation_checkpointing.*Transformer"):
+        _finetune_api(
+            bases["rnn"],
+            tmp_path / "ft",
+            [f"finetune.data=[{text_dir}]", "task=lm", "train.activation_checkpointing=true"],
+        )
+    assert not (tmp_path / "ft").exists()

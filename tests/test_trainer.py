@@ -127,3 +127,28 @@ def test_training_learns_and_reports(data_dir, tmp_path):
     assert result.sample.startswith("def ")
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+
+
+def test_activation_checkpointing_trains_identically(data_dir, tmp_path):
+    """Same losses and weights with and without recomputation (fp32, CPU, with dropout)."""
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / f"ckpt_{flag}"
+        cfg = _cfg(
+            data_dir,
+            out,
+            "train.max_steps=4",
+            "train.eval_every=4",
+            "train.sample_tokens=0",
+            "model.dropout=0.1",
+            "train.log_every=1",
+            f"train.activation_checkpointing={flag}",
+        )
+        result = Trainer(cfg, progress=False).run()
+        losses = [
+            json.loads(line)["loss"]
+            for line in (out / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line and "val_loss" not in line
+        ]
+        runs[flag] = (losses, result.val["loss"])
+    assert runs["true"] == runs["false"] and len(runs["true"][0]) == 4

@@ -114,6 +114,8 @@ class TrainConfig:
     tensorboard: bool = True
     backend: str = "auto"  # turbolm op backend, as in TURBOLM_BACKEND
     compile: bool = False  # torch.compile the model
+    # recompute each Transformer block in backward instead of keeping its activations
+    activation_checkpointing: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     # DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); "" = no DeepSpeed. "auto"
     # values in it are filled from this config (see turbolm/train/distributed.py)
@@ -516,6 +518,12 @@ def _rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("train.sample_tokens", t.sample_tokens >= 0, "must be >= 0"),
         ("train.backend", bool(t.backend.strip()), "must not be empty"),
         ("train.threads", t.threads >= 0, "must be >= 0 (0 = torch's default)"),
+        (
+            "train.activation_checkpointing",
+            not t.activation_checkpointing or m.arch == "transformer",
+            "applies to model.arch 'transformer' only (the RNN LM's layers run as one "
+            "fused recurrent stack)",
+        ),
     ]
     return rules
 

@@ -163,6 +163,13 @@ class Finetuner:
 
     def _build_model(self) -> None:
         cfg, lo = self.cfg, self.cfg.lora
+        if self.tc.activation_checkpointing:
+            if self.lm.arch != "transformer":
+                raise ConfigError(
+                    "train.activation_checkpointing applies to Transformer bases only (this "
+                    f"base is arch {self.lm.arch!r}; its recurrent layers run as one fused stack)"
+                )
+            self.lm.activation_checkpointing = True
         torch.manual_seed(self.tc.seed)
         classify = self.fc.task == "classify"
         model = (

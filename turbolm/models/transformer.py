@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from turbolm.errors import ConfigError, InputError
@@ -162,7 +163,14 @@ class Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """Decoder-only Transformer LM. ``forward(idx, targets=None) -> (logits, loss)``."""
+    """Decoder-only Transformer LM. ``forward(idx, targets=None) -> (logits, loss)``.
+
+    ``activation_checkpointing = True`` (``train.activation_checkpointing``) keeps only each
+    block's input from the forward pass when gradients are being recorded and recomputes the
+    block in backward (``torch.utils.checkpoint``, non-reentrant, RNG state restored so
+    dropout masks repeat): activation memory per block drops from every intermediate to one
+    (B, T, d_model) tensor for about one more forward pass of compute.
+    """
 
     arch = "transformer"
 
@@ -177,6 +185,7 @@ class TransformerLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.activation_checkpointing = False
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one tensor, two uses
         self.reset_parameters()
@@ -216,8 +225,12 @@ class TransformerLM(nn.Module):
             pos = torch.arange(start, start + T, device=idx.device)  # (T,)
             x = x + self.pos_emb(pos)  # (B, T, C)
         x = self.drop(x)
+        recompute = self.activation_checkpointing and state is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, state[i] if state is not None else None)  # (B, T, C)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, state[i] if state is not None else None)  # (B, T, C)
         return self.norm(x)  # (B, T, C)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):

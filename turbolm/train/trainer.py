@@ -272,6 +272,8 @@ class Trainer:
         self.model_kwargs = model_kwargs(self.cfg.model, self.data.vocab_size)
         torch.manual_seed(self.tc.seed)  # every rank builds the same initial weights
         self.model = build_model(self.model_kwargs).to(self.device)
+        # (validate() allows it for the Transformer only)
+        self.model.activation_checkpointing = self.tc.activation_checkpointing
         # counted before ZeRO-3 partitions the parameters (each rank then holds a slice)
         self.n_params, self.flops = self.model.num_params(), self.model.flops_per_token()
         groups = self.model.configure_optimizer_groups(self.tc.weight_decay)
