@@ -1,6 +1,7 @@
 """Ops: functional API over interchangeable backends (see ``turbolm.ops.registry``)."""
 
 from turbolm.ops.attention import attention
+from turbolm.ops.cross_entropy import linear_cross_entropy
 from turbolm.ops.norm import layer_norm, rms_norm
 from turbolm.ops.registry import registered, select, use_backend
 from turbolm.ops.rnn import gru, gru_cell, lstm, lstm_cell, rnn, rnn_cell
@@ -10,6 +11,7 @@ __all__ = [
     "gru",
     "gru_cell",
     "layer_norm",
+    "linear_cross_entropy",
     "lstm",
     "lstm_cell",
     "registered",

@@ -1,0 +1,339 @@
+"""Fused linear + cross-entropy: the LM head and its loss without materialising the logits.
+
+``linear_cross_entropy(x, weight, targets, bias=None)`` equals
+``F.cross_entropy(F.linear(x, weight, bias).float(), targets)``: ``x`` (..., C), ``weight``
+(V, C), ``bias`` (V,) or None, ``targets`` (...) int64 (x's leading shape) with
+``ignore_index`` entries skipped. ``reduction`` "mean" (over the targets not ignored) or
+"sum"; ``label_smoothing`` as torch. Returns a 0-dim fp32 tensor (fp64 for fp64 inputs).
+
+Why: an LM's logits are (tokens, vocab). At 8 x 4096 tokens and a 128K vocabulary they take
+16 GiB in fp32, plus as much again for their gradient, more than the rest of the step. The
+kernel backends never hold them: rows are processed in chunks (``chunk_rows``; default about
+as many logits as ``x`` has elements), and for each chunk
+
+    logits = x_chunk @ W^T (+ b)                 (a GEMM, in x's dtype)
+    losses, dlogits = step(logits)               (in place: softmax - one-hot, fp32 math)
+    dx_chunk = dlogits @ W,  dW += dlogits^T @ x_chunk,  db += sum(dlogits)
+
+so the gradients are computed during the forward pass (Liger-Kernel's design) and backward
+only scales them by the incoming gradient (times 1 / number of counted targets for "mean").
+Memory beyond the inputs: one chunk of logits, plus dx (x's size) and an fp32 dW (W's size),
+which backward would allocate anyway. Gradients are only computed for the inputs that
+require them.
+
+Backends:
+
+* ``reference``: ``F.linear`` + ``F.cross_entropy`` written out (logsumexp, gather), any
+  dtype including fp64; the oracle.
+* ``torch``: ``F.cross_entropy(F.linear(...).float(), ...)``, what a model does without
+  turbolm (materialises the logits).
+* ``cpu``: the chunked algorithm with the C++ step kernel (``csrc/cross_entropy``).
+* ``triton``: the chunked algorithm with the Triton step kernel (``kernels/cross_entropy.py``);
+  CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+
+``auto`` takes ``cpu`` on CPU when the extension is already built (it never compiles it on
+its own, see ``ext_support``), else ``torch``; on CUDA ``triton`` once ``GPU_AUTO`` is True
+(after its GPU tests and benchmark pass), else ``torch``.
+
+Under ``torch.autocast`` the op follows ``F.linear``: ``x``, ``weight`` and ``bias`` are cast
+to the autocast dtype first (the loss itself is always computed in fp32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from turbolm.errors import DTypeError, InputError, ShapeError
+from turbolm.ops import ext_support, registry, triton_support
+from turbolm.ops.checks import check_float, check_same_device, check_same_dtype, check_tensor
+from turbolm.ops.function import run_backend
+
+OP = "linear_cross_entropy"
+REDUCTIONS = ("mean", "sum")
+
+# Whether `auto` may choose the Triton kernel for CUDA tensors: not before its GPU tests and
+# benchmark have run on a GPU (benchmarks/gpu_check.sh).
+GPU_AUTO = False
+
+
+# ---- reference and torch (autograd-native) ----------------------------------------------------
+
+
+def _counted(targets, ignore_index):
+    return targets != ignore_index
+
+
+def linear_cross_entropy_reference(
+    x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"
+):
+    """Readable math; fp64 inputs stay fp64 (the harness's oracle), others compute in fp32."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    logits = F.linear(x, weight, bias).to(compute)  # (N, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (N,)
+    keep = _counted(targets, ignore_index)
+    z_t = logits.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1)
+    losses = lse - (1 - label_smoothing) * z_t - label_smoothing * logits.mean(dim=-1)
+    losses = torch.where(keep, losses, 0.0)
+    total = losses.sum()
+    return total / keep.sum() if reduction == "mean" else total
+
+
+def _linear_cross_entropy_torch(
+    x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"
+):
+    logits = F.linear(x, weight, bias)
+    return F.cross_entropy(
+        logits.float(),
+        targets,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
+
+
+registry.register(OP, "reference", fn=linear_cross_entropy_reference)
+registry.register(OP, "torch", fn=_linear_cross_entropy_torch)
+
+
+# ---- the chunked algorithm (kernel backends) ----------------------------------------------------
+
+
+def default_chunk_rows(n: int, c: int, v: int) -> int:
+    """Rows per chunk: about as many logits as ``x`` has elements (at least 1, at most n),
+    rounded to a multiple of 8 rows for the GEMMs."""
+    rows = max(1, math.ceil(n / max(1, math.ceil(v / max(c, 1)))))
+    rows = 8 * math.ceil(rows / 8) if rows >= 8 else rows
+    return min(n, rows) if n else 1
+
+
+def _chunked_fwd(step, x, weight, bias, targets, *, ignore_index, label_smoothing, reduction,
+                 needs, chunk_rows):  # fmt: skip
+    """(loss, dx, dW, db, scale): the loss and the unscaled gradients of the summed loss."""
+    n, c = x.shape
+    v = weight.shape[0]
+    need_x, need_w, need_b = needs
+    need_b = need_b and bias is not None
+    rows = chunk_rows or default_chunk_rows(n, c, v)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    losses = torch.empty(n, dtype=acc, device=x.device)
+    dx = torch.empty_like(x) if need_x else None
+    dw = torch.zeros(v, c, dtype=acc, device=x.device) if need_w else None
+    db = torch.zeros(v, dtype=acc, device=x.device) if need_b else None
+    for start in range(0, n, rows):
+        end = min(n, start + rows)
+        xc = x[start:end]
+        logits = F.linear(xc, weight, bias)  # (rows, V), x's dtype, contiguous
+        losses[start:end] = step(logits, targets[start:end], label_smoothing, ignore_index)
+        if need_x:
+            torch.mm(logits, weight, out=dx[start:end])  # (rows, C)
+        if need_w:
+            if logits.dtype == acc:
+                dw.addmm_(logits.t(), xc)
+            else:  # 16-bit GEMM, accumulated across chunks in fp32
+                dw += (logits.t() @ xc).float()
+        if need_b:
+            db += logits.sum(0, dtype=acc)
+    counted = _counted(targets, ignore_index).sum()
+    total = losses.sum()
+    if reduction == "mean":
+        scale = 1.0 / counted.to(acc)  # NaN loss when nothing counts, as torch
+    else:
+        scale = torch.ones((), dtype=acc, device=x.device)
+    loss = total * scale
+    dw = None if dw is None else dw.to(weight.dtype)
+    db = None if db is None else db.to(bias.dtype)
+    return loss, dx, dw, db, scale
+
+
+def _chunked_bwd(grad_out, dx, dw, db, scale):
+    factor = grad_out.to(scale.dtype) * scale  # 0-dim
+    grads = []
+    for g in (dx, dw, db):
+        grads.append(None if g is None else g * factor.to(g.dtype))
+    dx, dw, db = grads
+    return dx, dw, None, db  # (x, weight, targets, bias)
+
+
+def _make_fwd(step):
+    def fwd(x, weight, targets, bias, **params):
+        loss, dx, dw, db, scale = _chunked_fwd(step, x, weight, bias, targets, **params)
+        return loss, dx, dw, db, scale
+
+    return fwd
+
+
+def _bwd(grad_out, dx, dw, db, scale, **_):
+    return _chunked_bwd(grad_out, dx, dw, db, scale)
+
+
+# ---- cpu: the C++ step ------------------------------------------------------------------------
+
+_EXT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STEP_OP = None
+
+
+def _cpu_step(logits, targets, label_smoothing, ignore_index):
+    global _STEP_OP
+    from turbolm import ext
+
+    if _STEP_OP is None:
+        ext.load_extension()
+        _STEP_OP = torch.ops.turbolm.cross_entropy_step_.default
+    # tagged C++ errors become turbolm.errors
+    return ext.call(_STEP_OP, logits, targets, float(label_smoothing), int(ignore_index))
+
+
+def _register_fakes() -> None:
+    if getattr(_register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("turbolm::cross_entropy_step_")
+    def _(logits, targets, label_smoothing, ignore_index):
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return logits.new_empty((logits.shape[0],), dtype=dtype)
+
+    _register_fakes.done = True
+
+
+def _cpu_supports(x, weight=None, bias=None, auto=False, **_) -> str | None:
+    if x.device.type != "cpu":
+        return f"device {x.device.type} is not supported (CPU tensors)"
+    if x.dtype not in _EXT_DTYPES:
+        return f"dtype {x.dtype} is not supported"
+    return ext_support.ext_reason(
+        auto,
+        ext_support.cpu_compile_allowed(),
+        "cross_entropy_step_",
+        "cross_entropy",
+        on_loaded=_register_fakes,
+    )
+
+
+registry.register(OP, "cpu", fwd=_make_fwd(_cpu_step), bwd=_bwd, supports=_cpu_supports)
+
+
+# ---- triton: the Triton step ------------------------------------------------------------------
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KCE = None
+
+
+def _triton_step(logits, targets, label_smoothing, ignore_index):
+    global _KCE
+    if _KCE is None:
+        from turbolm.kernels import cross_entropy as kce  # after TRITON_INTERPRET is set
+
+        _KCE = kce
+    return _KCE.cross_entropy_step_(logits, targets, label_smoothing, ignore_index)
+
+
+def _triton_supports(x, weight=None, bias=None, auto=False, **_) -> str | None:
+    if x.dtype not in _TRITON_DTYPES:
+        return f"dtype {x.dtype} is not supported (float16, bfloat16, float32)"
+    if x.device.type == "cuda":
+        if auto and not GPU_AUTO:
+            return "not yet verified and benchmarked on a GPU, so auto skips it (name it to use it)"
+        return None
+    if x.device.type == "cpu":
+        interpreting = triton_support.triton_interpreting("turbolm.kernels.cross_entropy")
+        return None if interpreting else "CPU tensors need TRITON_INTERPRET=1"
+    return f"device {x.device.type} is not supported (CUDA tensors)"
+
+
+registry.register(
+    OP,
+    "triton",
+    fwd=_make_fwd(_triton_step),
+    bwd=_bwd,
+    supports=_triton_supports,
+    available=triton_support.triton_available,
+)
+
+
+# ---- functional API ---------------------------------------------------------------------------
+
+
+def _check_inputs(x, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_rows):
+    check_float("x", x)
+    check_float("weight", weight)
+    check_tensor("targets", targets)
+    if bias is not None:
+        check_float("bias", bias)
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise DTypeError(f"targets must be int64 class ids, got {targets.dtype}")
+    check_same_device(x=x, weight=weight, targets=targets, bias=bias)
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ShapeError(
+            f"weight must be (vocab, {x.shape[-1] if x.dim() else '?'}) for x of shape "
+            f"{tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
+    if tuple(targets.shape) != tuple(x.shape[:-1]):
+        raise ShapeError(
+            f"targets must have x's leading shape {tuple(x.shape[:-1])}, got {tuple(targets.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ShapeError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if reduction not in REDUCTIONS:
+        raise InputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not (isinstance(label_smoothing, int | float) and 0.0 <= label_smoothing <= 1.0):
+        raise InputError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise InputError(f"chunk_rows must be None or an int >= 1, got {chunk_rows!r}")
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``cross_entropy(x @ weight.T + bias, targets)`` without the logits (module docstring).
+
+    x (..., C) float; weight (V, C); bias (V,) or None; targets (...) int64 (int32 accepted)
+    with ``ignore_index`` entries skipped. Returns a 0-dim fp32 loss.
+    """
+    _check_inputs(x, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_rows)
+    cast = _autocast_dtype(x.device.type)
+    if cast is not None:
+        x, weight = x.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
+    else:
+        check_same_dtype(x=x, weight=weight, bias=bias)
+    x2d = x.reshape(-1, x.shape[-1])
+    t1d = targets.reshape(-1).long()
+    chosen = registry.select(OP, x.device.type, backend, x=x2d, weight=weight, bias=bias)
+    params = {"ignore_index": int(ignore_index), "label_smoothing": float(label_smoothing),
+              "reduction": reduction}  # fmt: skip
+    if chosen.is_autograd_native:
+        return chosen.fn(x2d, weight, t1d, bias, **params)
+    if x2d.device.type == "cpu" and x2d.shape[0]:
+        bad = (t1d != ignore_index) & ((t1d < 0) | (t1d >= weight.shape[0]))
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise InputError(
+                f"targets[{first}] = {int(t1d[first])} is out of range for {weight.shape[0]} "
+                f"classes (ignore_index is {ignore_index})"
+            )
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and t is not None and t.requires_grad for t in (x2d, weight, bias))
+    with torch.autocast(x.device.type, enabled=False):
+        return run_backend(
+            chosen,
+            (x2d.contiguous(), weight.contiguous(), t1d.contiguous(), bias),
+            {**params, "needs": needs, "chunk_rows": chunk_rows},
+        )
