@@ -201,7 +201,8 @@ WORKER = textwrap.dedent(
 
 def test_zero_1_2_3_match_a_single_process_run(prepared, tmp_path):
     """Transformer (tied embeddings) and LSTM LM, 20 steps on 2 ranks under ZeRO-1, 2 and 3
-    (and ZeRO-3 with parameter + optimizer offload, and with activation checkpointing), give the per-step train losses and the
+    (and ZeRO-3 with parameter + optimizer offload, and with activation checkpointing; ZeRO-2
+    with the fused linear cross-entropy), give the per-step train losses and the
     val losses of one process trained on the union of the ranks' micro-batches."""
     common = [f"data.dir={prepared}", *TINY, "train.max_steps=20", "train.eval_every=10"]
     offload = json.loads((DS_CONFIGS / "zero3_offload.json").read_text())
@@ -213,6 +214,7 @@ def test_zero_1_2_3_match_a_single_process_run(prepared, tmp_path):
         "t_z3": ("t", 1, DS_CONFIGS / "zero3.json"),
         "t_z3off": ("t", 1, tmp_path / "offload.json"),
         "t_z3ckpt": ("t", 1, DS_CONFIGS / "zero3.json"),  # + activation checkpointing
+        "r_z2fused": ("r", 1, DS_CONFIGS / "zero2.json"),  # + fused linear cross-entropy
         "r_z1": ("r", 1, DS_CONFIGS / "zero1.json"),
         "r_z2": ("r", 1, DS_CONFIGS / "zero2.json"),
         "r_z3": ("r", 1, DS_CONFIGS / "zero3.json"),
@@ -225,6 +227,7 @@ def test_zero_1_2_3_match_a_single_process_run(prepared, tmp_path):
     spec = [
         [*overrides(arch, accum, tmp_path / name), f"train.deepspeed={ds}"]
         + (["train.activation_checkpointing=true"] if name.endswith("ckpt") else [])
+        + (["train.fused_cross_entropy=true"] if name.endswith("fused") else [])
         for name, (arch, accum, ds) in jobs.items()
     ]
     (tmp_path / "jobs.json").write_text(json.dumps(spec))
@@ -576,6 +579,8 @@ def test_bad_deepspeed_configs_give_one_clear_message(capsys, tmp_path):
     clash.write_text('{"train_micro_batch_size_per_gpu": 3}')
     _fails(capsys, ["train", f"train.deepspeed={clash}", "train.batch_size=4"],
            "train_micro_batch_size_per_gpu", "auto")  # fmt: skip
+    _fails(capsys, ["train", f"train.deepspeed={DS_CONFIGS / 'zero3.json'}",
+                    "train.fused_cross_entropy=true"], "fused_cross_entropy", "ZeRO-3")  # fmt: skip
 
 
 def test_bad_hostfile_gives_one_clear_message(tmp_path):

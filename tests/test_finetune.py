@@ -146,6 +146,8 @@ def test_config_keys_and_errors():
         load_finetune_config(None, ["lora.rr=3"])
     with pytest.raises(ConfigError, match="lora.r"):
         load_finetune_config(None, ["lora.r=-1"])
+    with pytest.raises(ConfigError, match="'train.fused_cross_entropy'.*not supported"):
+        load_finetune_config(None, ["train.fused_cross_entropy=true"])
 
 
 def test_lora_targets_per_architecture():

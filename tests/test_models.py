@@ -423,3 +423,34 @@ def test_activation_checkpointing_keeps_only_block_inputs():
     model.activation_checkpointing = False
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize(
+    "make,kw",
+    [
+        (tiny_transformer, TRANSFORMER_VARIANTS["gpt2"]),
+        (tiny_transformer, TRANSFORMER_VARIANTS["mqa_untied"]),
+        (tiny_rnn, RNN_VARIANTS["lstm_tied_projected"]),
+        (tiny_rnn, RNN_VARIANTS["rnn_relu_untied"]),  # head bias, dropout
+    ],
+)
+def test_fused_loss_matches_the_logits_path(backend, make, kw):
+    torch.manual_seed(0)
+    model = make(**kw).train()
+    idx = torch.randint(0, V, (3, 16))
+    targets = torch.randint(0, V, (3, 16))
+    targets[0, :5] = -100
+    loss, grads = _loss_and_grads(model, idx, targets)
+    model.fused_loss = True
+    with turbolm.use_backend({"linear_cross_entropy": backend}):
+        torch.manual_seed(7)
+        model.zero_grad(set_to_none=True)
+        logits, fused = model(idx, targets)
+        fused.backward()
+    assert logits is None  # the (B, T, V) logits were never formed
+    torch.testing.assert_close(fused, loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], msg=name)
+    logits, none = model(idx)  # without targets: the logits as usual
+    assert logits.shape == (3, 16, V) and none is None

@@ -116,6 +116,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     # recompute each Transformer block in backward instead of keeping its activations
     activation_checkpointing: bool = False
+    # LM head + loss through the fused linear cross-entropy op (no (tokens, vocab) logits)
+    fused_cross_entropy: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     # DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); "" = no DeepSpeed. "auto"
     # values in it are filled from this config (see turbolm/train/distributed.py)

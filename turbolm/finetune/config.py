@@ -140,6 +140,11 @@ def _rules(cfg: FinetuneConfig) -> list[tuple[str, bool, str]]:
         # train keys fine-tuning does not implement: refuse rather than ignore
         ("train.compile", not cfg.train.compile, "is not supported by fine-tuning"),
         (
+            "train.fused_cross_entropy",
+            not cfg.train.fused_cross_entropy,
+            "is not supported by fine-tuning (a LoRA-adapted head must run as a module)",
+        ),
+        (
             "train.deepspeed",
             not getattr(cfg.train, "deepspeed", None),
             "is not supported by fine-tuning (single process)",

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbolm.errors import ConfigError, DTypeError, ShapeError
+from turbolm.ops.cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -67,6 +68,15 @@ def check_idx(idx: torch.Tensor, name: str = "idx") -> None:
         )
 
 
+def _check_targets(targets: torch.Tensor, idx: torch.Tensor) -> None:
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise DTypeError("targets must be an int64 tensor of token ids (or -100 to ignore)")
+    if targets.shape != idx.shape:
+        raise ShapeError(
+            f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
+        )
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None, idx: torch.Tensor):
     """Mean cross-entropy of ``logits`` (B, T, V) against ``targets`` (B, T), in fp32.
 
@@ -74,12 +84,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None, idx: torch.Tenso
     """
     if targets is None:
         return None
-    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
-        raise DTypeError("targets must be an int64 tensor of token ids (or -100 to ignore)")
-    if targets.shape != idx.shape:
-        raise ShapeError(
-            f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
-        )
+    _check_targets(targets, idx)
     V = logits.size(-1)
     return F.cross_entropy(
         logits.reshape(-1, V).float(), targets.reshape(-1).long(), ignore_index=IGNORE_INDEX
@@ -112,3 +117,10 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
+
+
+def fused_lm_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, idx: torch.Tensor):
+    """``lm_loss(head(hidden), targets, idx)`` without the logits: the fused linear
+    cross-entropy op (``turbolm.ops.linear_cross_entropy``), hidden (B, T, D) -> fp32 loss."""
+    _check_targets(targets, idx)
+    return linear_cross_entropy(hidden, head.weight, targets, head.bias, ignore_index=IGNORE_INDEX)

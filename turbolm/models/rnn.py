@@ -29,6 +29,7 @@ from turbolm.models.common import (
     check_float,
     check_idx,
     check_int,
+    fused_lm_loss,
     lm_loss,
     optimizer_groups,
 )
@@ -107,6 +108,7 @@ class RNNLM(nn.Module):
         )
         d_out = config.d_embed if config.projects else config.d_hidden
         self.head = nn.Linear(d_out, config.vocab_size)
+        self.fused_loss = False  # see forward
         if config.tie_embeddings:
             self.head.weight = self.embed.weight  # one tensor, two uses
         self.reset_parameters()
@@ -122,18 +124,29 @@ class RNNLM(nn.Module):
         if self.proj is not None:
             self.proj.reset_parameters()
 
-    def _run(self, idx: torch.Tensor, state: HiddenState):
+    def _features(self, idx: torch.Tensor, state: HiddenState):
+        """idx (B, T) -> what the head reads (B, T, D), after dropout, and the new state."""
         x = self.drop(self.embed(idx))  # (B, T, E)
         out, state = self.rnn(x, state)  # (B, T, H)
         if self.proj is not None:
             out = self.proj(out)  # (B, T, E)
-        logits = self.head(self.drop(out))  # (B, T, V)
-        return logits, state
+        return self.drop(out), state
+
+    def _run(self, idx: torch.Tensor, state: HiddenState):
+        features, state = self._features(idx, state)
+        return self.head(features), state  # (B, T, V)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, T) int64 -> logits (B, T, V) from a zero hidden state, and the mean
-        cross-entropy against ``targets`` (B, T) (entries -100 ignored), or None."""
+        cross-entropy against ``targets`` (B, T) (entries -100 ignored), or None.
+
+        ``fused_loss = True`` (``train.fused_cross_entropy``): with targets, the loss comes
+        from the fused linear cross-entropy op and the logits are not formed: ``(None, loss)``.
+        """
         check_idx(idx)
+        if self.fused_loss and targets is not None:
+            features, _ = self._features(idx, None)
+            return None, fused_lm_loss(features, self.head, targets, idx)
         logits, _ = self._run(idx, None)
         return logits, lm_loss(logits, targets, idx)
 

@@ -29,6 +29,7 @@ from turbolm.models.common import (
     check_idx,
     check_int,
     check_positive,
+    fused_lm_loss,
     lm_loss,
     optimizer_groups,
 )
@@ -170,6 +171,10 @@ class TransformerLM(nn.Module):
     block in backward (``torch.utils.checkpoint``, non-reentrant, RNG state restored so
     dropout masks repeat): activation memory per block drops from every intermediate to one
     (B, T, d_model) tensor for about one more forward pass of compute.
+
+    ``fused_loss = True`` (``train.fused_cross_entropy``): ``forward(idx, targets)`` computes
+    the loss with the fused linear cross-entropy op and returns ``(None, loss)``, never
+    holding the (B, T, vocab) logits; without targets it returns the logits as usual.
     """
 
     arch = "transformer"
@@ -186,6 +191,7 @@ class TransformerLM(nn.Module):
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.activation_checkpointing = False
+        self.fused_loss = False
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one tensor, two uses
         self.reset_parameters()
@@ -241,7 +247,10 @@ class TransformerLM(nn.Module):
         """
         check_idx(idx)
         self._check_len(idx.size(1), "idx")
-        logits = self.lm_head(self._trunk(idx, None))  # (B, T, V)
+        hidden = self._trunk(idx, None)  # (B, T, C)
+        if self.fused_loss and targets is not None:
+            return None, fused_lm_loss(hidden, self.lm_head, targets, idx)
+        logits = self.lm_head(hidden)  # (B, T, V)
         return logits, lm_loss(logits, targets, idx)
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:

@@ -274,6 +274,7 @@ class Trainer:
         self.model = build_model(self.model_kwargs).to(self.device)
         # (validate() allows it for the Transformer only)
         self.model.activation_checkpointing = self.tc.activation_checkpointing
+        self.model.fused_loss = self.tc.fused_cross_entropy
         # counted before ZeRO-3 partitions the parameters (each rank then holds a slice)
         self.n_params, self.flops = self.model.num_params(), self.model.flops_per_token()
         groups = self.model.configure_optimizer_groups(self.tc.weight_decay)
@@ -472,6 +473,10 @@ class Trainer:
             # attempt (never delete it, even if that attempt was started with --overwrite).
             resume, overwrite = True, False
         self.rt = DeepSpeedRuntime(env, ds_config, self.device)
+        if self.rt.stage == 3 and self.tc.fused_cross_entropy:
+            # ZeRO-3 gathers a weight only inside its module's forward; the fused op reads
+            # the head's weight outside it.
+            raise ConfigError("train.fused_cross_entropy=true is not supported with ZeRO-3")
         self.rt.init_process_group()
         if not self.is_main:
             self.log = lambda msg: None
