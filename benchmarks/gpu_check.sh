@@ -137,6 +137,14 @@ if [ "$QUICK" = 1 ]; then
     # interpreter on CPU). The H200 image has transformers 5.17.
     TURBOLM_AUTOTUNE=0 step pytest_patching 60 "$PY" -m pytest -q -p no:cacheprovider -rf tests/test_patching.py \
         -k "triton or inference_mode or broadcast"
+    # Fused linear cross-entropy (Triton step, never run on a GPU yet): its tests, then
+    # time / memory against torch and Liger-Kernel at the Llama-3 vocabulary (bf16).
+    gpu_tests pytest_cross_entropy 30 tests/test_ops_cross_entropy.py
+    step bench_cross_entropy 40 "$PY" benchmarks/bench_cross_entropy.py --out "$OUT" \
+        --providers torch,turbolm_triton,liger
+    # Activation checkpointing: memory saved and time paid (bf16 autocast).
+    step bench_checkpointing 30 "$PY" benchmarks/bench_checkpointing.py --out "$OUT" \
+        --sizes default,small,gpt2 --reps 3
     # apply_turbolm on a ~0.9B Llama-style transformers model (random init, bf16, 4 x 2048
     # tokens): unpatched SDPA / eager vs patched (auto, cuda norms, triton).
     step bench_patch 60 "$PY" benchmarks/bench_patch.py --out "$OUT" --preset gpu --dtype bf16 \

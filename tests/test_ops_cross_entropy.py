@@ -211,9 +211,11 @@ def test_cpu_step_gradcheck_and_opcheck():
 
 
 def test_default_chunk_rows_bounds_the_logits():
-    assert ce.default_chunk_rows(4096, 768, 50257) == 64  # 64 x 50257 logits ~ 4096 x 768
+    assert ce.default_chunk_rows(8192, 4096, 128256) == 256  # 256 x 128256 ~ 8192 x 4096
+    assert ce.default_chunk_rows(4096, 768, 50257) == 56  # multiple of 8 below 62
+    assert ce.default_chunk_rows(2048, 192, 4096) == 512  # the 2M-logit floor
     assert ce.default_chunk_rows(5, 768, 100) == 5
-    assert ce.default_chunk_rows(1, 4, 10**6) == 1
+    assert ce.default_chunk_rows(1, 4, 10**8) == 1
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@
 Why: an LM's logits are (tokens, vocab). At 8 x 4096 tokens and a 128K vocabulary they take
 16 GiB in fp32, plus as much again for their gradient, more than the rest of the step. The
 kernel backends never hold them: rows are processed in chunks (``chunk_rows``; default about
-as many logits as ``x`` has elements), and for each chunk
+as many logits as ``x`` has elements, at least 2M), and for each chunk
 
     logits = x_chunk @ W^T (+ b)                 (a GEMM, in x's dtype)
     losses, dlogits = step(logits)               (in place: softmax - one-hot, fp32 math)
@@ -40,8 +40,6 @@ to the autocast dtype first (the loss itself is always computed in fp32).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -101,12 +99,16 @@ registry.register(OP, "torch", fn=_linear_cross_entropy_torch)
 # ---- the chunked algorithm (kernel backends) ----------------------------------------------------
 
 
+MIN_CHUNK_LOGITS = 2**21  # small problems: a few large GEMMs beat many tiny ones
+
+
 def default_chunk_rows(n: int, c: int, v: int) -> int:
-    """Rows per chunk: about as many logits as ``x`` has elements (at least 1, at most n),
-    rounded to a multiple of 8 rows for the GEMMs."""
-    rows = max(1, math.ceil(n / max(1, math.ceil(v / max(c, 1)))))
-    rows = 8 * math.ceil(rows / 8) if rows >= 8 else rows
-    return min(n, rows) if n else 1
+    """Rows per chunk: about as many logits as ``x`` has elements (but at least
+    MIN_CHUNK_LOGITS), at least 1 row, at most n, a multiple of 8 rows for the GEMMs."""
+    budget = max(n * c, MIN_CHUNK_LOGITS)
+    rows = max(1, budget // max(v, 1))
+    rows = 8 * (rows // 8) if rows >= 8 else rows
+    return max(1, min(n, rows))
 
 
 def _chunked_fwd(step, x, weight, bias, targets, *, ignore_index, label_smoothing, reduction,
