@@ -120,6 +120,8 @@ TMA_CASES = {
         33, 33, 4, 1, 64, True, window=(9, 0), layout="bshd", packed=True
     ),
     "varlen-d80-gqa": lambda: varlen_case([1, 5, 40], [3, 5, 61], 4, 2, 80, causal=True),
+    # sequences without queries or without keys: descriptors with a zero-sized dimension
+    "varlen-d80-empty-seqs": lambda: varlen_case([0, 5, 17, 3], [3, 0, 20, 3], 4, 2, 80, True),
 }
 
 
@@ -150,6 +152,36 @@ def test_tma_refused_for_unaligned_rows(_kernels, monkeypatch):
     assert not _kernels._tma_allowed(k, k, layout="bhsd")  # see _tma_allowed
     k = torch.zeros(1, 2, 5, 24, dtype=torch.float16, device=DEVICE)
     assert _kernels._tma_allowed(k, k, layout="bhsd") == (INTERPRET or _sm90())
+
+
+def test_tma_backward_with_a_zero_token_stride(_kernels, monkeypatch):
+    """dO of ``out.sum(dim=2)`` is expanded along the sequence (token stride 0, unit stride on the
+    head dim, so the launcher does not copy it): the tensor-descriptor backward reads it as the
+    pointer path does."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 128, generator=gen).to(DEVICE, torch.float16) for _ in "qkv")
+    w = torch.randn(1, 2, 128, generator=gen).to(DEVICE, torch.float16)
+
+    taken = []
+    allowed = _kernels._tma_allowed
+
+    def spy(*tensors, layout):
+        taken.append((tensors[-1].stride(2), allowed(*tensors, layout=layout)))
+        return taken[-1][1]
+
+    monkeypatch.setattr(_kernels, "_tma_allowed", spy)
+
+    def grads(tma):
+        monkeypatch.setattr(_kernels, "TMA", tma)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, causal=True, backend="triton")
+        (out.sum(dim=2) * w).sum().backward()
+        return [t.grad for t in leaves]
+
+    with_tma = grads(True)
+    assert taken[-1] == (0, INTERPRET or _sm90())  # the backward's (q, dO) check
+    for got, want in zip(with_tma, grads(False)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
 
 
 def _sm90() -> bool:
@@ -578,7 +610,7 @@ def test_gpu_tma_every_d128_tile_config(gpu, _kernels, monkeypatch, index):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["varlen-d80-gqa", "bshd-packed-window"])
+@pytest.mark.parametrize("name", ["varlen-d80-gqa", "bshd-packed-window", "varlen-d80-empty-seqs"])
 def test_gpu_tma(gpu, _kernels, monkeypatch, name):
     """The tensor-descriptor kernels on the GPU: padded head dim (varlen), strided bshd views."""
     monkeypatch.setattr(_kernels, "TMA", True)
