@@ -8,7 +8,9 @@
 //   loss = logsumexp(z) - (1 - e) * z[t] - e * mean(z)        (torch.nn.functional.cross_entropy)
 //   dz_j = softmax(z)_j - e / V - (1 - e) * [j == t]
 // Rows whose target is ignore_index get loss 0 and a zero gradient. Statistics are accumulated
-// in fp32 (fp64 for fp64 logits); 16-bit logits are read and written in their own dtype.
+// in fp32 (fp64 for fp64 logits); 16-bit logits are read and written in their own dtype. exp
+// is fast_exp for fp32 (a vectorizable polynomial, relative error < 1e-8; arguments below -87
+// give ~1e-38 rather than 0), std::exp for fp64.
 // at::parallel_for over rows (rows are independent: results do not depend on the thread count).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,25 +22,47 @@
 #include <limits>
 
 #include "../common/dispatch.h"
+#include "../common/fast_exp.h"
+#include "../common/row_math.h"
 
 namespace turbolm::cross_entropy {
 namespace {
 
+inline float exp_acc(float x) { return fast_exp(x); }  // vectorizable (common/fast_exp.h)
+inline double exp_acc(double x) { return std::exp(x); }
+
+// One row, in place: z[0..V) logits -> gradient of the row's loss; returns the loss.
+// Sums and maxima run in kLanes independent lanes (common/row_math.h) so GCC vectorizes
+// them without reassociating anything.
 template <typename T, typename A>
 A row_step(T* z, int64_t V, int64_t t, A smoothing) {
-  A m = -std::numeric_limits<A>::infinity(), total = 0;
-  for (int64_t j = 0; j < V; ++j) {
-    const A v = static_cast<A>(z[j]);
-    m = std::max(m, v);
-    total += v;
+  A lane_max[kLanes], lane_sum[kLanes] = {};
+  for (int j = 0; j < kLanes; ++j) lane_max[j] = -std::numeric_limits<A>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= V; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const A v = static_cast<A>(z[i + j]);
+      lane_max[j] = lane_max[j] < v ? v : lane_max[j];
+      lane_sum[j] += v;
+    }
   }
-  A s = 0;
-  for (int64_t j = 0; j < V; ++j) s += std::exp(static_cast<A>(z[j]) - m);
-  const A lse = m + std::log(s);
+  for (int j = 0; i + j < V; ++j) {
+    const A v = static_cast<A>(z[i + j]);
+    lane_max[j] = lane_max[j] < v ? v : lane_max[j];
+    lane_sum[j] += v;
+  }
+  A m = lane_max[0];
+  for (int j = 1; j < kLanes; ++j) m = std::max(m, lane_max[j]);
+  const A total = lanes_sum(lane_sum);
+  A lane_exp[kLanes] = {};
+  for (i = 0; i + kLanes <= V; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane_exp[j] += exp_acc(static_cast<A>(z[i + j]) - m);
+  for (int j = 0; i + j < V; ++j) lane_exp[j] += exp_acc(static_cast<A>(z[i + j]) - m);
+  const A lse = m + std::log(lanes_sum(lane_exp));
   const A target = static_cast<A>(z[t]);
   const A loss = lse - (1 - smoothing) * target - smoothing * total / static_cast<A>(V);
   const A uniform = smoothing / static_cast<A>(V);
-  for (int64_t j = 0; j < V; ++j) z[j] = static_cast<T>(std::exp(static_cast<A>(z[j]) - lse) - uniform);
+  for (i = 0; i < V; ++i) z[i] = static_cast<T>(exp_acc(static_cast<A>(z[i]) - lse) - uniform);
   z[t] = static_cast<T>(std::exp(target - lse) - uniform - (1 - smoothing));
   return loss;
 }
