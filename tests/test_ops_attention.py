@@ -286,3 +286,15 @@ def test_row_hidden_by_an_additive_mask_is_zeros_with_finite_gradients(backend):
     )  # fmt: skip
     keep = [0, 2]
     torch.testing.assert_close(out[:, :, keep].double(), ref[:, :, keep], atol=1e-5, rtol=1e-4)
+
+
+def test_triton_refuses_sequences_past_int32_offsets():
+    from turbolm.ops.attention import _int32_offset_overflow
+
+    big = torch.empty(1, 600_000, 32, 128, device="meta")  # bshd: token stride 4096
+    reason = _int32_offset_overflow(big, big, big, "bshd")
+    assert reason and "q has 600000 tokens" in reason and "torch backend" in reason
+    fits = torch.empty(1, 500_000, 32, 128, device="meta")
+    assert _int32_offset_overflow(fits, fits, fits, "bshd") is None
+    # the same tokens in bhsd have a token stride of 128: fine
+    assert _int32_offset_overflow(*(big.transpose(1, 2).contiguous(),) * 3, "bhsd") is None

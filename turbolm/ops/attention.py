@@ -233,7 +233,24 @@ def _triton_available() -> str | None:
     return None
 
 
-def _triton_supports(q, k, v, attn_mask=None, requested=None, **_) -> str | None:
+def _int32_offset_overflow(q, k, v, layout) -> str | None:
+    """The Triton kernels index within one (batch, head) with int32 offsets (token * token
+    stride): refuse sequences whose offsets (of the inputs, or of the contiguous outputs and
+    gradients the kernels write in the same layout) would not fit."""
+    seq_dim = {"bhsd": 2, "bshd": 1, "varlen": 0}.get(layout, 2)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        dense = math.prod(t.shape[seq_dim + 1 :])  # token stride when contiguous
+        last = (t.shape[seq_dim] - 1) * max(abs(t.stride(seq_dim)), dense) + t.shape[-1]
+        if last >= 2**31:
+            return (
+                f"{name} has {t.shape[seq_dim]} tokens with a token stride of "
+                f"{max(abs(t.stride(seq_dim)), dense)} elements: offsets past 2**31 overflow "
+                "the kernels' int32 indexing (use the torch backend)"
+            )
+    return None
+
+
+def _triton_supports(q, k, v, attn_mask=None, requested=None, layout="bhsd", **_) -> str | None:
     """None if the Triton kernels can run these inputs, else why not."""
     loaded = sys.modules.get(_KERNELS_MODULE)
     if q.device.type == "cpu":
@@ -257,6 +274,9 @@ def _triton_supports(q, k, v, attn_mask=None, requested=None, **_) -> str | None
     d = q.shape[-1]
     if d > 256:
         return f"head_dim {d} > 256 is not supported"
+    too_long = _int32_offset_overflow(q, k, v, layout)
+    if too_long:
+        return too_long
     if q.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(q.device)
         if q.dtype == torch.bfloat16 and major < 8:
