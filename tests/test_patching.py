@@ -938,3 +938,83 @@ def test_patched_hf_model_loads_in_a_fresh_process(tmp_path):
         capture_output=True, text=True, cwd=root, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# fused linear cross-entropy (apply_turbolm(model, loss=True))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_fused_loss_matches_and_skips_the_logits(family, op_calls):
+    model = tiny_hf_model(family)  # eval mode: no dropout, gradients still on
+    original = copy.deepcopy(model)
+    report = apply_turbolm(model, loss=True)
+    assert report.count("loss") == 1 and not report.skipped, str(report)
+    ids, mask = ids_and_padding()
+    labels = ids.masked_fill(mask == 0, -100)
+    n_items = (labels[:, 1:] != -100).sum() * 2  # as the Trainer passes for 2 micro-batches
+    for extra in ({}, {"num_items_in_batch": n_items}):
+        model.zero_grad()
+        original.zero_grad()
+        out = model(ids, attention_mask=mask, labels=labels, **extra)
+        ref = original(ids, attention_mask=mask, labels=labels, **extra)
+        assert out.logits is None  # never formed
+        torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+        out.loss.backward()
+        ref.loss.backward()
+        assert_grads_match(model, original, atol=2e-5)
+    assert "linear_cross_entropy" in {op for op, _ in op_calls}
+    with torch.no_grad():  # evaluation: the model's own forward, logits included
+        out = model(ids, attention_mask=mask, labels=labels)
+        ref = original(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_fused_loss_shift_labels_positional_args_and_generation():
+    model = tiny_hf_model("llama")
+    original = copy.deepcopy(model)
+    apply_turbolm(model, loss=True, norm=False, attention=False)
+    ids, _ = ids_and_padding()
+    shifted = torch.nn.functional.pad(ids, (0, 1), value=-100)[:, 1:].contiguous()
+    out = model(ids, None, None, labels=None, shift_labels=shifted)  # no labels: unfused
+    assert out.logits is not None and out.loss is None
+    fused = model(ids, labels=ids, shift_labels=shifted)
+    ref = original(ids, labels=ids, shift_labels=shifted)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    tuple_out = model(ids, labels=ids, return_dict=False)  # tuples: the original forward
+    torch.testing.assert_close(tuple_out[0], ref.loss, atol=1e-5, rtol=1e-5)
+    generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    expected = original.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, expected)
+
+
+def test_hf_fused_loss_reverts_copies_and_pickles():
+    model = tiny_hf_model("qwen2")
+    before = {name: type(m) for name, m in model.named_modules()}
+    apply_turbolm(model, loss=True)
+    assert type(model.lm_head).__name__ == "DeferredLMHead"
+    ids, _ = ids_and_padding()
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone(ids, labels=ids).logits is None  # still patched, on its own head
+        assert clone.forward.model is clone
+    assert apply_turbolm(model, loss=True).count("loss") == 0  # idempotent
+    revert_turbolm(model)
+    assert {name: type(m) for name, m in model.named_modules()} == before
+    assert "forward" not in model.__dict__
+    assert model(ids, labels=ids).logits is not None
+
+
+def test_hf_fused_loss_skips_what_it_cannot_fuse():
+    softcapped = tiny_hf_model("gemma2")  # final_logit_softcapping between lm_head and loss
+    report = apply_turbolm(softcapped, loss=True)
+    assert report.count("loss") == 0
+    assert any("fused loss" in reason for _, reason in report.skipped)
+    assert "forward" not in softcapped.__dict__
+    peft = pytest.importorskip("peft")
+    model = tiny_hf_model("llama")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    report = apply_turbolm(wrapped, loss=True)
+    assert report.count("loss") == 0
+    assert any("not a plain nn.Linear" in reason for _, reason in report.skipped)

@@ -15,6 +15,10 @@ What is patched (each kind can be turned off: ``norm=False``, ``rnn=False``,
 * **attention**: ``torch.nn.MultiheadAttention`` -> ``turbolm.nn.MultiheadAttention`` (where
   that module exists), and, for a ``transformers`` model, its attention function
   (``attn_implementation="turbolm"``).
+* **loss** (off by default: ``loss=True``): a ``transformers`` causal LM's training forward
+  (labels given, gradients on) computes its loss with the fused linear cross-entropy and
+  returns ``logits=None`` instead of the (batch, seq, vocab) logits; see
+  :mod:`turbolm.patching.hf_loss`.
 
 Patching changes no parameter, buffer or ``state_dict`` key: a module keeps its identity and
 its parameters, and only its class (for ``transformers`` models, also the attention-function
@@ -34,10 +38,10 @@ from dataclasses import dataclass, field
 import torch
 
 from turbolm.errors import InputError
-from turbolm.patching import hf
+from turbolm.patching import hf, hf_loss
 from turbolm.patching.torch_modules import patch_torch_modules, restore_class
 
-KINDS = ("norm", "rnn", "attention")
+KINDS = ("norm", "rnn", "attention", "loss")
 
 # model_type values of the transformers families the tests cover.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
@@ -92,11 +96,16 @@ def _check_model(model) -> None:
 
 
 def apply_turbolm(
-    model: torch.nn.Module, *, norm: bool = True, rnn: bool = True, attention: bool = True
+    model: torch.nn.Module,
+    *,
+    norm: bool = True,
+    rnn: bool = True,
+    attention: bool = True,
+    loss: bool = False,
 ) -> PatchReport:
     """Patch ``model`` in place (see the module docstring); returns a :class:`PatchReport`."""
     _check_model(model)
-    options = {"norm": norm, "rnn": rnn, "attention": attention}
+    options = {"norm": norm, "rnn": rnn, "attention": attention, "loss": loss}
     for name, value in options.items():
         if not isinstance(value, bool):
             raise InputError(f"{name} must be True or False, got {value!r}")
@@ -111,6 +120,8 @@ def apply_turbolm(
         if before is not None:
             hf_model.__dict__[_ATTENTION_BEFORE_ATTR] = hf.AttentionSwitch(before)
             report.attention_before = before
+    for name, hf_model in hf_models if loss else ():
+        hf_loss.patch_loss(hf_model, report, name.replace("<attention>", "<loss>"))
     return report
 
 
@@ -121,6 +132,7 @@ def revert_turbolm(model: torch.nn.Module) -> int:
     restored = 0
     for module in model.modules():
         restored += restore_class(module)
+        restored += hf_loss.revert_loss(module)
         switch = module.__dict__.pop(_ATTENTION_BEFORE_ATTR, None)
         if switch is not None:
             hf.revert_attention(module, switch.before)
@@ -142,7 +154,7 @@ def _family_patcher(family: str):
     apply.__name__ = apply.__qualname__ = f"apply_turbolm_to_{family}"
     apply.__doc__ = (
         f"apply_turbolm for a transformers {family!r} model (checks config.model_type); "
-        "options: norm, rnn, attention."
+        "options: norm, rnn, attention, loss."
     )
     return apply
 
