@@ -41,6 +41,9 @@ to the autocast dtype first (the loss itself is always computed in fp32).
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -113,13 +116,25 @@ def default_chunk_rows(n: int, c: int, v: int) -> int:
 
 def _chunked_fwd(step, x, weight, bias, targets, *, ignore_index, label_smoothing, reduction,
                  needs, chunk_rows):  # fmt: skip
-    """(loss, dx, dW, db, scale): the loss and the unscaled gradients of the summed loss."""
+    """(loss, dx, dW, db, scale): the loss, dx of the summed loss (per row; backward scales it
+    by ``scale``, 1 / counted targets for "mean") and dW, db already scaled by ``scale``."""
     n, c = x.shape
     v = weight.shape[0]
     need_x, need_w, need_b = needs
     need_b = need_b and bias is not None
     rows = chunk_rows or default_chunk_rows(n, c, v)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if reduction == "mean":
+        counted = _counted(targets, ignore_index).sum().to(acc)  # 0-dim, no host sync
+        # When nothing counts the loss is NaN (0 / 0) as torch's, and the gradients are zero
+        # as torch's: every row was ignored, so dx, dW, db are zeros (scaled by 1, not inf).
+        scale = 1.0 / counted.clamp(min=1)
+    else:
+        counted, scale = None, torch.ones((), dtype=acc, device=x.device)
+    # dW and db sum over every row, so for fp16 the chunk's logit gradients are scaled before
+    # their GEMM (as torch's backward of the mean does): the summed-loss sums can exceed
+    # 65504. Other dtypes scale the fp32 / fp64 accumulators once at the end.
+    prescale = x.dtype == torch.float16 and reduction == "mean" and (need_w or need_b)
     losses = torch.empty(n, dtype=acc, device=x.device)
     dx = torch.empty_like(x) if need_x else None
     dw = torch.zeros(v, c, dtype=acc, device=x.device) if need_w else None
@@ -131,43 +146,49 @@ def _chunked_fwd(step, x, weight, bias, targets, *, ignore_index, label_smoothin
         losses[start:end] = step(logits, targets[start:end], label_smoothing, ignore_index)
         if need_x:
             torch.mm(logits, weight, out=dx[start:end])  # (rows, C)
+        if prescale:
+            logits.mul_(scale)
         if need_w:
             if logits.dtype == acc:
                 dw.addmm_(logits.t(), xc)
-            else:  # 16-bit GEMM, accumulated across chunks in fp32
-                dw += (logits.t() @ xc).float()
+            else:  # 16-bit GEMM, accumulated across chunks in fp32 (no fp32 copy of it)
+                dw.add_(logits.t() @ xc)
         if need_b:
             db += logits.sum(0, dtype=acc)
-    counted = _counted(targets, ignore_index).sum()
     total = losses.sum()
-    if reduction == "mean":
-        scale = 1.0 / counted.to(acc)  # NaN loss when nothing counts, as torch
-    else:
-        scale = torch.ones((), dtype=acc, device=x.device)
-    loss = total * scale
+    loss = total / counted if counted is not None else total
+    if not prescale and reduction == "mean":
+        dw = None if dw is None else dw.mul_(scale)
+        db = None if db is None else db.mul_(scale)
     dw = None if dw is None else dw.to(weight.dtype)
     db = None if db is None else db.to(bias.dtype)
     return loss, dx, dw, db, scale
 
 
 def _chunked_bwd(grad_out, dx, dw, db, scale):
-    factor = grad_out.to(scale.dtype) * scale  # 0-dim
-    grads = []
-    for g in (dx, dw, db):
-        grads.append(None if g is None else g * factor.to(g.dtype))
-    dx, dw, db = grads
+    grad_out = grad_out.to(scale.dtype)  # 0-dim
+    # 0-dim fp32 factors keep each gradient's dtype (no rounding of the factor to 16 bits)
+    dx = None if dx is None else dx * (grad_out * scale)
+    dw = None if dw is None else dw * grad_out
+    db = None if db is None else db * grad_out
     return dx, dw, None, db  # (x, weight, targets, bias)
 
 
 def _make_fwd(step):
     def fwd(x, weight, targets, bias, **params):
         loss, dx, dw, db, scale = _chunked_fwd(step, x, weight, bias, targets, **params)
-        return loss, dx, dw, db, scale
+        # x / weight / bias that require grad are saved too (references, not copies; torch's
+        # F.linear saves x and weight as well): not read by backward, but they let
+        # KernelFunction tie the gradients to them, so differentiating the gradients again
+        # (create_graph=True: a gradient penalty) raises instead of silently dropping the
+        # second-order terms (the gradients formed in forward have no graph).
+        live = tuple(t if need else None for t, need in zip((x, weight, bias), params["needs"]))
+        return loss, dx, dw, db, scale, *live
 
     return fwd
 
 
-def _bwd(grad_out, dx, dw, db, scale, **_):
+def _bwd(grad_out, dx, dw, db, scale, *_inputs, **_):
     return _chunked_bwd(grad_out, dx, dw, db, scale)
 
 
@@ -286,6 +307,51 @@ def _check_inputs(x, weight, targets, bias, ignore_index, label_smoothing, reduc
         raise InputError(f"chunk_rows must be None or an int >= 1, got {chunk_rows!r}")
 
 
+def _selection_key(x, weight, bias) -> tuple:
+    """``registry.select``'s cache key: what the backends' ``supports`` / ``available`` answers
+    depend on (dtypes; GPU_AUTO; whether the extension is built, and while it is not, whether
+    ``auto`` may build it; whether Triton interprets). The device type is part of the slot."""
+    ext = sys.modules.get("turbolm.ext")  # not imported yet: nothing built or loaded by us
+    built = ext.is_built() if ext is not None else None
+    return (
+        x.dtype,
+        weight.dtype,
+        None if bias is None else bias.dtype,
+        GPU_AUTO,
+        built if built else (built, ext_support.cpu_compile_allowed()),
+        os.environ.get("TRITON_INTERPRET"),
+    )
+
+
+@torch.compiler.assume_constant_result
+def _prepare_for_compile(device_type, backend, x_dtype, weight_dtype, bias_dtype) -> bool:
+    """Run by torch.compile outside the traced code (eagerly, once per trace): select the
+    backend for inputs of these dtypes, which loads the extension (or imports the Triton
+    kernels) and caches the selection, and run a kernel backend's fwd / bwd once on a tiny
+    input, which resolves what they look up on first use. Tracing those first-time steps
+    (file locks, registering fake kernels) failed ``torch.compile`` of a model using this op
+    that had not run eagerly in this process, with or without fullgraph. Returns whether the
+    selection succeeded; when not, the traced ``registry.select`` raises as in eager mode."""
+    x = torch.ones(2, 4, dtype=x_dtype, device=device_type)
+    weight = torch.ones(3, 4, dtype=weight_dtype, device=x.device)
+    bias = None if bias_dtype is None else torch.zeros(3, dtype=bias_dtype, device=x.device)
+    key = _selection_key(x, weight, bias)
+    try:
+        chosen = registry.select(
+            OP, device_type, backend, cache_key=key, x=x, weight=weight, bias=bias
+        )
+    except Exception:  # noqa: BLE001 - raised again, typed, by the traced selection
+        return False
+    if chosen.fn is None:
+        with torch.no_grad():
+            targets = torch.zeros(2, dtype=torch.long, device=x.device)
+            params = {"ignore_index": -100, "label_smoothing": 0.0, "reduction": "mean",
+                      "needs": (True, True, bias is not None), "chunk_rows": None}  # fmt: skip
+            out, *saved = chosen.fwd(x, weight, targets, bias, **params)
+            chosen.bwd(torch.ones_like(out), *saved, **params)
+    return True
+
+
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -318,12 +384,27 @@ def linear_cross_entropy(
         check_same_dtype(x=x, weight=weight, bias=bias)
     x2d = x.reshape(-1, x.shape[-1])
     t1d = targets.reshape(-1).long()
-    chosen = registry.select(OP, x.device.type, backend, x=x2d, weight=weight, bias=bias)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        _prepare_for_compile(
+            x.device.type, backend, x2d.dtype, weight.dtype, None if bias is None else bias.dtype
+        )
+    chosen = registry.select(
+        OP,
+        x.device.type,
+        backend,
+        cache_key=_selection_key(x2d, weight, bias),
+        x=x2d,
+        weight=weight,
+        bias=bias,
+    )
     params = {"ignore_index": int(ignore_index), "label_smoothing": float(label_smoothing),
               "reduction": reduction}  # fmt: skip
     if chosen.is_autograd_native:
         return chosen.fn(x2d, weight, t1d, bias, **params)
-    if x2d.device.type == "cpu" and x2d.shape[0]:
+    # (a data-dependent check: not while torch.compile traces; the C++ step checks the targets
+    # itself, the Triton step gives NaN)
+    if x2d.device.type == "cpu" and x2d.shape[0] and not compiling:
         bad = (t1d != ignore_index) & ((t1d < 0) | (t1d >= weight.shape[0]))
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
