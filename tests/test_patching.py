@@ -1018,3 +1018,33 @@ def test_hf_fused_loss_skips_what_it_cannot_fuse():
     report = apply_turbolm(wrapped, loss=True)
     assert report.count("loss") == 0
     assert any("not a plain nn.Linear" in reason for _, reason in report.skipped)
+
+
+def test_hf_fused_loss_under_the_transformers_trainer(tmp_path):
+    """transformers' Trainer (gradient accumulation: it passes num_items_in_batch) trains a
+    patched model with the same per-step losses and final weights as the unpatched one."""
+    pytest.importorskip("accelerate")
+    gen = torch.Generator().manual_seed(3)
+    rows = [
+        {"input_ids": ids, "labels": ids} for ids in torch.randint(3, 97, (16, 10), generator=gen)
+    ]
+    rows[1]["labels"] = rows[1]["labels"].clone()
+    rows[1]["labels"][:4] = -100  # uneven label counts: the normalisation matters
+    results = {}
+    for fused in (False, True):
+        model = tiny_hf_model("llama").train()
+        if fused:
+            assert apply_turbolm(model, loss=True, norm=False, attention=False).count("loss")
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(fused)), per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-2, logging_steps=1,
+            report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0,
+            disable_tqdm=True,
+        )  # fmt: skip
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        results[fused] = (losses, model.lm_head.weight.detach().clone())
+    assert len(results[True][0]) == 3
+    assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
+    torch.testing.assert_close(results[True][1], results[False][1], atol=1e-5, rtol=1e-5)

@@ -89,6 +89,13 @@ class FusedLossForward:
     def __init__(self, model: nn.Module):
         self.model = model
 
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # What inspect.signature(model.forward) reports: the class's forward. transformers'
+        # Trainer reads it to decide which dataset columns to keep (with (*args, **kwargs)
+        # it dropped input_ids).
+        return inspect.signature(type(self.model).forward.__get__(self.model))
+
     def __call__(self, *args, **kwargs):
         model = self.model
         original = type(model).forward
