@@ -306,7 +306,8 @@ def test_torch_compile_of_code_using_it_cold():
     # torch.compile's first call traces the op before it ever ran eagerly in this process
     # (the trainer with train.compile): loading the extension and registering its fake
     # kernels inside the trace failed (Unsupported with fullgraph, an internal Dynamo error
-    # without). Run in a fresh process so nothing was warmed up by other tests.
+    # without); a second selection in the frame failed Dynamo's guards when it went through
+    # the selection cache. Run in a fresh process so nothing was warmed up by other tests.
     import subprocess
     import sys
 
@@ -322,11 +323,18 @@ x = torch.randn(16, 8, requires_grad=True)
 w = torch.randn(11, 8, requires_grad=True)
 t = torch.randint(0, 11, (16,))
 t[::4] = -100
-def f(x, w, t):
-    return linear_cross_entropy(torch.tanh(x), w, t, label_smoothing=0.1, backend="cpu")
-got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w, t)
+b = torch.randn(11, requires_grad=True)
+def f(x, w, b, t):  # two selections in one frame (no bias, then bias)
+    h = torch.tanh(x)
+    return linear_cross_entropy(h, w, t, label_smoothing=0.1, backend="cpu") + (
+        linear_cross_entropy(h, w, t, b, backend="cpu")
+    )
+got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w, b, t)
 gx, gw = torch.autograd.grad(got, (x, w))
-want = F.cross_entropy(F.linear(torch.tanh(x), w), t, label_smoothing=0.1)
+h = torch.tanh(x)
+want = F.cross_entropy(F.linear(h, w), t, label_smoothing=0.1) + F.cross_entropy(
+    F.linear(h, w, b), t
+)
 hx, hw = torch.autograd.grad(want, (x, w))
 torch.testing.assert_close(got, want)
 torch.testing.assert_close(gx, hx)

@@ -324,14 +324,17 @@ def _selection_key(x, weight, bias) -> tuple:
 
 
 @torch.compiler.assume_constant_result
-def _prepare_for_compile(device_type, backend, x_dtype, weight_dtype, bias_dtype) -> bool:
+def _prepare_for_compile(device_type, backend, x_dtype, weight_dtype, bias_dtype) -> str:
     """Run by torch.compile outside the traced code (eagerly, once per trace): select the
     backend for inputs of these dtypes, which loads the extension (or imports the Triton
     kernels) and caches the selection, and run a kernel backend's fwd / bwd once on a tiny
     input, which resolves what they look up on first use. Tracing those first-time steps
     (file locks, registering fake kernels) failed ``torch.compile`` of a model using this op
-    that had not run eagerly in this process, with or without fullgraph. Returns whether the
-    selection succeeded; when not, the traced ``registry.select`` raises as in eager mode."""
+    that had not run eagerly in this process, with or without fullgraph. Returns the chosen
+    backend's name, which the traced code looks up without reading the selection cache (a
+    dictionary Dynamo snapshots when an earlier op in the frame reads it, so an entry added
+    here failed its guards: "Guard failed on the same frame it was created"), or "" when the
+    selection fails (the traced ``registry.select`` then raises as in eager mode)."""
     x = torch.ones(2, 4, dtype=x_dtype, device=device_type)
     weight = torch.ones(3, 4, dtype=weight_dtype, device=x.device)
     bias = None if bias_dtype is None else torch.zeros(3, dtype=bias_dtype, device=x.device)
@@ -341,7 +344,7 @@ def _prepare_for_compile(device_type, backend, x_dtype, weight_dtype, bias_dtype
             OP, device_type, backend, cache_key=key, x=x, weight=weight, bias=bias
         )
     except Exception:  # noqa: BLE001 - raised again, typed, by the traced selection
-        return False
+        return ""
     if chosen.fn is None:
         with torch.no_grad():
             targets = torch.zeros(2, dtype=torch.long, device=x.device)
@@ -349,7 +352,7 @@ def _prepare_for_compile(device_type, backend, x_dtype, weight_dtype, bias_dtype
                       "needs": (True, True, bias is not None), "chunk_rows": None}  # fmt: skip
             out, *saved = chosen.fwd(x, weight, targets, bias, **params)
             chosen.bwd(torch.ones_like(out), *saved, **params)
-    return True
+    return chosen.name
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -385,19 +388,20 @@ def linear_cross_entropy(
     x2d = x.reshape(-1, x.shape[-1])
     t1d = targets.reshape(-1).long()
     compiling = torch.compiler.is_compiling()
+    name = ""
     if compiling:
-        _prepare_for_compile(
+        name = _prepare_for_compile(
             x.device.type, backend, x2d.dtype, weight.dtype, None if bias is None else bias.dtype
         )
-    chosen = registry.select(
-        OP,
-        x.device.type,
-        backend,
-        cache_key=_selection_key(x2d, weight, bias),
-        x=x2d,
-        weight=weight,
-        bias=bias,
-    )
+    if name:
+        chosen = registry.registered(OP)[name]
+    elif compiling:  # the selection failed: raise its error (not cached)
+        chosen = registry.select(OP, x.device.type, backend, x=x2d, weight=weight, bias=bias)
+    else:
+        key = _selection_key(x2d, weight, bias)
+        chosen = registry.select(
+            OP, x.device.type, backend, cache_key=key, x=x2d, weight=weight, bias=bias
+        )
     params = {"ignore_index": int(ignore_index), "label_smoothing": float(label_smoothing),
               "reduction": reduction}  # fmt: skip
     if chosen.is_autograd_native:
