@@ -1048,3 +1048,86 @@ def test_hf_fused_loss_under_the_transformers_trainer(tmp_path):
     assert len(results[True][0]) == 3
     assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
     torch.testing.assert_close(results[True][1], results[False][1], atol=1e-5, rtol=1e-5)
+
+
+def test_hf_fused_loss_output_holds_no_hidden_states():
+    """out[0] is the loss and no entry holds the hidden states (setting a ModelOutput field
+    to None keeps its dict entry: out[0], out["logits"] and to_tuple() were the hidden states,
+    and accelerate's fp32 conversion rebuilt logits from them)."""
+    model = tiny_hf_model("llama")
+    original = copy.deepcopy(model)
+    apply_turbolm(model, loss=True, norm=False, attention=False)
+    ids, _ = ids_and_padding()
+    out = model(ids, labels=ids)
+    ref = original(ids, labels=ids)
+    assert "logits" not in out and out.logits is None
+    assert list(out.keys()) == [key for key in ref.keys() if key != "logits"]
+    torch.testing.assert_close(out[0], ref.loss, atol=1e-5, rtol=1e-5)
+    assert len(out.to_tuple()) == len(ref.to_tuple()) - 1
+    accelerate_utils = pytest.importorskip("accelerate.utils")
+    assert accelerate_utils.convert_to_fp32(out).logits is None
+
+
+def test_hf_fused_loss_logits_to_keep_tensor_runs_unfused():
+    model = tiny_hf_model("llama")
+    original = copy.deepcopy(model)
+    apply_turbolm(model, loss=True, norm=False, attention=False)
+    ids, _ = ids_and_padding()
+    keep = torch.arange(ids.shape[1])  # an index tensor: was `tensor in (None, 0)`, an error
+    out = model(ids, labels=ids, logits_to_keep=keep)
+    ref = original(ids, labels=ids, logits_to_keep=keep)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_fused_loss_under_accelerate_mixed_precision_unwrap_and_revert():
+    """accelerate's mixed precision wraps model.forward (autocast + fp32 outputs), as the
+    Trainer's bf16=True does; unwrap_model(keep_fp32_wrapper=False) rebinds the forward it
+    unwrapped with types.MethodType (was: the model became input_ids), and revert_turbolm under
+    the wrapper left a fused forward with a plain head (was: ShapeError on logits)."""
+    accelerate_utils = pytest.importorskip("accelerate.utils")
+    model = tiny_hf_model("llama")
+    original = copy.deepcopy(model)
+    apply_turbolm(model, loss=True, norm=False, attention=False)
+    ids, _ = ids_and_padding()
+    ref = original(ids, labels=ids).loss
+    model._original_forward = model.forward  # what Accelerator.prepare_model does
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    model.forward = accelerate_utils.convert_outputs_to_fp32(autocast(model.forward))
+    out = model(ids, labels=ids)
+    assert out.logits is None and "logits" not in out
+    torch.testing.assert_close(out.loss, ref, atol=3e-2, rtol=1e-2)
+    assert apply_turbolm(model, loss=True, attention=False).count("loss") == 0  # still patched
+    assert revert_turbolm(model) >= 1
+    assert type(model.lm_head) is torch.nn.Linear
+    out = model(ids, labels=ids)  # the wrapper stays and calls the class's forward
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, ref, atol=3e-2, rtol=1e-2)
+    assert apply_turbolm(model, loss=True, attention=False).count("loss") == 1  # patched again
+    assert model(ids, labels=ids).logits is None
+    model = accelerate_utils.extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    out = model(ids, labels=ids)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=1e-5)
+    assert revert_turbolm(model) >= 1 and "forward" not in model.__dict__
+
+
+def test_hf_fused_loss_data_parallel_replica_runs_itself():
+    """nn.DataParallel's replicas share the model's __dict__ (shallow copy): each replica's
+    forward must run that replica (its head, its parameters), not the original model."""
+    model = tiny_hf_model("llama")
+    original = copy.deepcopy(model)
+    apply_turbolm(model, loss=True, norm=False, attention=False)
+    replica = model._replicate_for_data_parallel()
+    replica._modules = dict(replica._modules)
+    replica.lm_head = copy.deepcopy(model.lm_head)  # as replicate() gives it its own modules
+    original.lm_head = copy.deepcopy(original.lm_head)
+    with torch.no_grad():
+        replica.lm_head.weight.mul_(2)
+        original.lm_head.weight.mul_(2)
+    ids, _ = ids_and_padding()
+    out = replica(ids, labels=ids)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, original(ids, labels=ids).loss, atol=1e-5, rtol=1e-5)
+    revert_turbolm(model)
+    assert "_replicate_for_data_parallel" not in model.__dict__

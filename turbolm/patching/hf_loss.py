@@ -17,11 +17,15 @@ honoured). That needs nothing between ``lm_head`` and the loss, so it is limited
 families whose forward is exactly ``lm_head`` -> ``loss_function`` (:data:`FAMILIES`, each
 covered by the tests) with transformers' causal-LM loss; others are skipped with the reason.
 Not under DeepSpeed ZeRO-3 (the head's weight is read outside its module's forward).
+Wrappers of the instance ``forward`` (accelerate's mixed precision) are seen through by
+``__wrapped__``; ``nn.DataParallel`` replicas get their own forward
+(:class:`ReplicateForDataParallel`).
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import inspect
 
 import torch
@@ -35,6 +39,7 @@ from turbolm.patching.torch_modules import is_swapped, restore_class, swap_class
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
 IGNORE_INDEX = -100
 _FORWARD_ATTR = "forward"
+_REPLICATE_ATTR = "_replicate_for_data_parallel"
 
 # The lm_head that returns its input during one fused call (a context variable, so threads
 # and nested models do not see each other's calls).
@@ -98,13 +103,21 @@ class FusedLossForward:
 
     def __call__(self, *args, **kwargs):
         model = self.model
+        if args and args[0] is model:
+            # Bound to the model with types.MethodType (accelerate's
+            # unwrap_model(keep_fp32_wrapper=False) rebinds the forward it unwrapped so).
+            args = args[1:]
         original = type(model).forward
+        if not isinstance(getattr(model, "lm_head", None), DeferredLMHead):
+            # Reverted while someone else's wrapper (accelerate's autocast) still calls us.
+            return original(model, *args, **kwargs)
         named, extra = _bind(original, model, args, kwargs)
         labels = named.get("labels")
+        keep = named.get("logits_to_keep")
         if (
             labels is None
             or not torch.is_grad_enabled()
-            or named.get("logits_to_keep") not in (None, 0)
+            or not (keep is None or (isinstance(keep, int) and keep == 0))  # ints or index tensors
             or False in (named.get("return_dict"), extra.get("return_dict"))
         ):
             return original(model, *args, **kwargs)
@@ -114,12 +127,43 @@ class FusedLossForward:
             out = original(model, **named, **extra)
         finally:
             _DEFERRED.reset(token)
-        out.loss = causal_lm_loss(
+        loss = causal_lm_loss(
             out.logits, model.lm_head, labels, extra.get("shift_labels"),
             extra.get("num_items_in_batch"),
         )  # fmt: skip
-        out.logits = None
-        return out
+        # A new output rather than out.loss = ...; out.logits = None: a ModelOutput keeps a
+        # field set to None in its dict, so out[0], out["logits"], to_tuple() and accelerate's
+        # fp32 conversion (which rebuilds it from the dict) would hand out the hidden states.
+        fields = {field.name: getattr(out, field.name) for field in dataclasses.fields(out)}
+        return type(out)(**{**fields, "loss": loss, "logits": None})
+
+
+class ReplicateForDataParallel:
+    """The instance-level ``_replicate_for_data_parallel`` of a patched causal LM: the
+    replicas ``nn.DataParallel`` makes share the model's ``__dict__``, so each would run the
+    original model through its :class:`FusedLossForward`; a replica gets its own."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self) -> nn.Module:
+        model = self.model
+        replica = type(model)._replicate_for_data_parallel(model)
+        replica.__dict__.pop(_REPLICATE_ATTR, None)
+        if isinstance(replica.__dict__.get(_FORWARD_ATTR), FusedLossForward):
+            replica.__dict__[_FORWARD_ATTR] = FusedLossForward(replica)
+        return replica
+
+
+def _installed(forward) -> FusedLossForward | None:
+    """The FusedLossForward behind an instance ``forward``: itself, or under wrappers that
+    say what they wrap (``__wrapped__``: functools.wraps, accelerate's autocast and fp32
+    output wrappers; ``__func__``: a method bound with types.MethodType)."""
+    for _ in range(64):
+        if forward is None or isinstance(forward, FusedLossForward):
+            return forward
+        forward = getattr(forward, "__wrapped__", None) or getattr(forward, "__func__", None)
+    return None
 
 
 def _bind(function, model, args, kwargs) -> tuple[dict, dict]:
@@ -160,24 +204,37 @@ def _refusal(model: nn.Module) -> str | None:
 
 def patch_loss(model: nn.Module, report, name: str) -> None:
     """Install the fused loss on the transformers causal LM ``model`` (recorded in report)."""
-    if isinstance(model.__dict__.get(_FORWARD_ATTR), FusedLossForward):
+    installed = _installed(model.__dict__.get(_FORWARD_ATTR))
+    if installed is not None and isinstance(getattr(model, "lm_head", None), DeferredLMHead):
         return  # already patched
     reason = _refusal(model)
     if reason is not None:
         report.add_skipped(name, reason)
         return
     swap_class(model.lm_head, DeferredLMHead)
-    model.__dict__[_FORWARD_ATTR] = FusedLossForward(model)
+    if installed is None:  # else: reverted under another wrapper, which still calls it
+        model.__dict__[_FORWARD_ATTR] = FusedLossForward(model)
+    model.__dict__[_REPLICATE_ATTR] = ReplicateForDataParallel(model)
     report.add_patched("loss", name, type(model).__name__)
 
 
 def revert_loss(module: nn.Module) -> int:
     """Undo :func:`patch_loss` on ``module`` (any module); returns 1 if it was patched."""
     forward = module.__dict__.get(_FORWARD_ATTR)
-    if not isinstance(forward, FusedLossForward):
+    installed = _installed(forward)
+    if installed is None:
         return 0
-    del module.__dict__[_FORWARD_ATTR]
+    changed = False
+    if installed is forward or getattr(forward, "__func__", None) is installed:
+        del module.__dict__[_FORWARD_ATTR]
+        changed = True
+    # else someone else's wrapper (accelerate's mixed precision) calls it: left in place, it
+    # runs the class's forward once the head below is a plain nn.Linear again.
+    if isinstance(module.__dict__.get(_REPLICATE_ATTR), ReplicateForDataParallel):
+        del module.__dict__[_REPLICATE_ATTR]
+        changed = True
     head = getattr(module, "lm_head", None)
     if head is not None and is_swapped(head) and isinstance(head, DeferredLMHead):
         restore_class(head)
-    return 1
+        changed = True
+    return int(changed)
