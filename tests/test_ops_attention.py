@@ -298,3 +298,17 @@ def test_triton_refuses_sequences_past_int32_offsets():
     assert _int32_offset_overflow(fits, fits, fits, "bshd") is None
     # the same tokens in bhsd have a token stride of 128: fine
     assert _int32_offset_overflow(*(big.transpose(1, 2).contiguous(),) * 3, "bhsd") is None
+
+
+def test_autocast_casts_inputs_like_sdpa():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
+    v = torch.randn(2, 4, 9, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, causal=True)
+    assert out.dtype == torch.bfloat16
+    ref = attention(q.bfloat16(), k.bfloat16(), v, causal=True)
+    torch.testing.assert_close(out, ref)
+    q64 = torch.randn(1, 2, 3, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp64 is left alone, as autocast does
+        assert attention(q64, q64, q64).dtype == torch.float64

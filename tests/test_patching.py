@@ -1131,3 +1131,18 @@ def test_hf_fused_loss_data_parallel_replica_runs_itself():
     torch.testing.assert_close(out.loss, original(ids, labels=ids).loss, atol=1e-5, rtol=1e-5)
     revert_turbolm(model)
     assert "_replicate_for_data_parallel" not in model.__dict__
+
+
+def test_hf_patched_attention_under_autocast():
+    """transformers' rotary step returns fp32 q / k next to a bf16 v under autocast; the op casts
+    them to the autocast dtype as autocast does for SDPA (it raised a DTypeError)."""
+    model = tiny_hf_model("llama").train()
+    original = copy.deepcopy(model)
+    apply_turbolm(model)
+    ids, mask = ids_and_padding()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, attention_mask=mask, labels=ids)
+        ref = original(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, atol=3e-2, rtol=3e-2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -465,6 +465,22 @@ def _run_native(chosen, q, k, v, causal, dropout_p, attn_mask, scale, window, la
     return call(q, k, v, attn_mask)
 
 
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_inputs(q, k, v):
+    """Under ``torch.autocast``, q / k / v in fp32 / fp16 / bf16 are cast to the autocast dtype
+    (as autocast does for SDPA on CUDA), so e.g. a model whose rotary embedding returns fp32
+    q / k next to a bf16 v works as it does with SDPA; fp64 is left alone."""
+    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t
+        for t in (q, k, v)
+    )
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -484,6 +500,7 @@ def attention(
     """Attention of ``q`` over ``k``/``v`` (layouts and options: see the module docstring)."""
     if layout not in LAYOUTS:
         raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    q, k, v = _autocast_inputs(q, k, v)
     left, right = window_bounds(window)
     norm_window = None if (left, right) == (-1, -1) else (left, right)
     varlen = None
