@@ -290,6 +290,51 @@ def test_double_backward_raises_instead_of_dropping_terms(request, backend, op):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
+COLD_COMPILE_SCRIPT = """
+import torch
+import turbolm
+from turbolm.nn import LayerNorm, RMSNorm
+
+for backend in ("cpu", "auto"):
+    for module in (LayerNorm(16), RMSNorm(16)):
+        torch._dynamo.reset()
+        x = torch.randn(2, 5, 16, requires_grad=True)
+        with turbolm.use_backend(backend):
+            compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+            y = compiled(x)  # the first norm call of this process runs under torch.compile
+            y.square().sum().backward()
+        if isinstance(module, LayerNorm):
+            expected = torch.nn.functional.layer_norm(x, (16,), module.weight, module.bias)
+        else:
+            expected = torch.nn.functional.rms_norm(x, (16,), module.weight)
+        torch.testing.assert_close(y, expected)
+print("cold compile ok")
+"""
+
+
+def test_torch_compile_fullgraph_first_call(built):
+    """torch.compile(fullgraph=True) of a norm module whose first call in the process is the
+    compiled one (the extension built but not loaded yet; nothing selected or looked up yet):
+    the backend selection, the extension load and the kernels' first-use lookups ran inside
+    the trace (a file lock, an import, filling a cache inside the autograd.Function) and failed
+    with 'Unsupported'. A fresh process, so nothing is loaded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-c", COLD_COMPILE_SCRIPT],
+        env={k: v for k, v in os.environ.items() if k != "TURBOLM_BACKEND"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0 and "cold compile ok" in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-4000:]
+    )
+
+
 # ---- typed errors ---------------------------------------------------------------------------
 
 

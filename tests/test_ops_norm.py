@@ -1,5 +1,7 @@
 """LayerNorm / RMSNorm op layer: torch backend vs the fp64 reference, gradients, errors."""
 
+import os
+
 import pytest
 import torch
 
@@ -186,3 +188,60 @@ def test_benchmark_budget_still_writes_results(tmp_path):
     assert not [r for r in rows if r["rows"] is not None]  # nothing started after the budget
     md = (tmp_path / "norm.md").read_text()
     assert "Time budget" in md and "layer_norm float32 64x96 torch" in md
+
+
+DYNAMIC_COMPILE_SCRIPT = """
+import torch
+import turbolm
+from turbolm.nn import LayerNorm
+
+for backend in ("torch", "reference"):
+    torch._dynamo.reset()
+    module = LayerNorm(16)
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend="aot_eager")
+    for steps in (5, 7):
+        x = torch.randn(2, steps, 16)
+        with turbolm.use_backend(backend):
+            y = compiled(x)
+        torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (16,), module.weight))
+print("dynamic compile ok")
+"""
+
+
+def test_torch_compile_dynamic_shapes():
+    """torch.compile(dynamic=True) makes the module's eps a symbolic float: the eps check used
+    math.isfinite, which dynamo cannot trace on one (Unsupported under fullgraph). In a fresh
+    process: a torch.compile trace of turbolm code leaves the Triton interpreter unable to
+    run later kernels of the same process (tl.zeros stays a JITFunction), which would break
+    the interpreter tests that follow."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TURBOLM_BACKEND"}
+    result = subprocess.run(
+        [sys.executable, "-c", DYNAMIC_COMPILE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0 and "dynamic compile ok" in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-4000:]
+    )
+
+
+def test_bad_arguments_are_typed_errors():
+    """normalized_shape as a string was split into digits ("16" -> (1, 6)), None and a string
+    eps raised bare TypeErrors; a wrong trailing shape is a ShapeError (an InputError)."""
+    x = torch.randn(2, 16)
+    for bad in ("16", None, [4.5j]):
+        with pytest.raises(InputError, match="normalized_shape must be an int or a sequence"):
+            layer_norm(x, bad)
+    with pytest.raises(InputError, match="eps must be a finite number >= 0, got '1e-5'"):
+        layer_norm(x, 16, eps="1e-5")
+    with pytest.raises(InputError, match="eps must be a finite number"):
+        rms_norm(x, 16, eps=float("nan"))
+    with pytest.raises(ShapeError, match=r"x must end with normalized_shape \(8,\)"):
+        layer_norm(x, 8)

@@ -91,6 +91,17 @@ class KernelFunction(torch.autograd.Function):
         return (None, None, *grads)
 
 
+def eager_at_compile_time(fn):
+    """``torch.compiler.assume_constant_result(fn)``: torch.compile calls ``fn`` eagerly while
+    tracing and uses its (constant) result. Marked directly, because the public decorator
+    imports ``torch._dynamo`` -- and with it ``triton.language`` -- when the decorated module
+    is imported: about a second of import time, and a Triton interpreter that
+    ``TRITON_INTERPRET=1`` set after ``import turbolm`` could no longer run (``tl.zeros``
+    stayed a JITFunction), which broke the interpreter tests."""
+    fn._dynamo_marked_constant = True  # what torch._dynamo.assume_constant_result sets
+    return fn
+
+
 def run_backend(backend: Backend, inputs: tuple, params: dict):
     """Call ``backend`` on positional tensor ``inputs`` and keyword ``params``."""
     if backend.fn is not None:  # autograd-native

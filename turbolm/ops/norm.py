@@ -32,7 +32,7 @@ from turbolm.ops.checks import (
     check_same_dtype,
     check_shape,
 )
-from turbolm.ops.function import run_backend
+from turbolm.ops.function import eager_at_compile_time, run_backend
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -79,12 +79,28 @@ registry.register("rms_norm", "reference", fn=rms_norm_reference)
 registry.register("rms_norm", "torch", fn=_rms_norm_torch)
 
 
+def _eps_ok(eps) -> bool:
+    """eps is a finite number >= 0 (no math.isfinite: under torch.compile(dynamic=True) eps can
+    be a symbolic float, which math.isfinite cannot take)."""
+    try:
+        return 0 <= eps < math.inf
+    except TypeError:  # a string, a tensor with several elements...
+        return False
+
+
 def _check_norm_inputs(x, normalized_shape, weight, bias, eps):
     """normalized_shape as a tuple of ints, after checking every argument (typed errors)."""
     if isinstance(normalized_shape, int):
         normalized_shape = (int(normalized_shape),)
     else:
-        normalized_shape = tuple([int(s) for s in normalized_shape])
+        try:
+            if isinstance(normalized_shape, (str, bytes)):  # "16" would become (1, 6)
+                raise TypeError
+            normalized_shape = tuple([int(s) for s in normalized_shape])
+        except (TypeError, ValueError):
+            raise InputError(
+                f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+            ) from None
     # The common, valid case in one expression; anything else goes through the full checks
     # below, which raise the typed error (in the same order as they always did).
     if (
@@ -110,8 +126,8 @@ def _check_norm_inputs(x, normalized_shape, weight, bias, eps):
             )
         )
     ):
-        if eps is not None and not (eps >= 0 and math.isfinite(eps)):
-            raise InputError(f"eps must be a finite number >= 0, got {eps}")
+        if eps is not None and not _eps_ok(eps):
+            raise InputError(f"eps must be a finite number >= 0, got {eps!r}")
         return normalized_shape
     check_float("x", x)
     if weight is not None:
@@ -122,13 +138,13 @@ def _check_norm_inputs(x, normalized_shape, weight, bias, eps):
     if x.dim() < len(normalized_shape) or tuple(x.shape[-len(normalized_shape) :]) != (
         normalized_shape
     ):
-        raise InputError(
+        raise ShapeError(
             f"x must end with normalized_shape {normalized_shape}, got shape {tuple(x.shape)}"
         )
     check_shape("weight", weight, normalized_shape)
     check_shape("bias", bias, normalized_shape)
-    if eps is not None and not (eps >= 0 and math.isfinite(eps)):
-        raise InputError(f"eps must be a finite number >= 0, got {eps}")
+    if eps is not None and not _eps_ok(eps):
+        raise InputError(f"eps must be a finite number >= 0, got {eps!r}")
     return normalized_shape
 
 
@@ -147,7 +163,49 @@ def _check_residual(x, residual):
 _DEFAULT_RMS_EPS: dict[torch.dtype, float] = {}
 
 
+def _dtype_or_none(t):
+    return None if t is None else t.dtype
+
+
+@eager_at_compile_time
+def _prepare_for_compile(op, device_type, backend, x_dtype, weight_dtype, bias_dtype) -> bool:
+    """Run by torch.compile outside the traced code (eagerly, once per trace): select the
+    backend for inputs of these dtypes, which loads the extension (or imports the Triton
+    kernels) and caches the selection, and call a kernel backend's fwd / bwd once on a tiny
+    input, which resolves what they look up on first use. Tracing those first-time steps
+    (file locks, imports, filling caches) broke ``torch.compile(fullgraph=True)`` of a model
+    whose norms had not run eagerly in this process (and graph-broke without fullgraph).
+    Returns whether the selection succeeded; when not, the traced ``registry.select`` raises
+    the error as in eager mode."""
+    n = 4
+    x = torch.ones(2, n, dtype=x_dtype, device=device_type)
+    weight = None if weight_dtype is None else torch.ones(n, dtype=weight_dtype, device=x.device)
+    bias = None if bias_dtype is None else torch.zeros(n, dtype=bias_dtype, device=x.device)
+    try:
+        chosen = registry.select(
+            op,
+            device_type,
+            backend,
+            cache_key=norm_kernels.selection_key(x, weight, bias),
+            x=x,
+            weight=weight,
+            bias=bias,
+        )
+    except Exception:  # noqa: BLE001 - raised again, typed, by the traced selection
+        return False
+    if chosen.fn is None:
+        with torch.no_grad():
+            inputs = (x, weight, bias) if op == "layer_norm" else (x, weight)
+            out, *saved = chosen.fwd(*inputs, eps=1e-5)
+            chosen.bwd(torch.ones_like(out), *saved, eps=1e-5)
+    return True
+
+
 def _run_norm(op, x, normalized_shape, weight, bias, eps, backend, residual=None):
+    if torch.compiler.is_compiling():
+        _prepare_for_compile(
+            op, x.device.type, backend, x.dtype, _dtype_or_none(weight), _dtype_or_none(bias)
+        )
     chosen = registry.select(
         op,
         x.device.type,
