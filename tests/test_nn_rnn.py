@@ -389,3 +389,41 @@ def test_unknown_backend_is_a_backend_error():
         lstm(torch.randn(5, 2, 4), None, _lstm_weights(), num_layers=1, backend="cuda")
     with pytest.raises(BackendError):
         lstm_cell(torch.randn(2, 4), None, torch.randn(24, 4), torch.randn(24, 6), backend="nope")
+
+
+AUTOCAST_MODULES = {
+    **MODULES,
+    "lstm_cell": (LSTMCell, torch.nn.LSTMCell, {}),
+    "gru_cell_nobias": (GRUCell, torch.nn.GRUCell, {"bias": False}),
+    "rnn_cell": (RNNCell, torch.nn.RNNCell, {"nonlinearity": "relu"}),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(AUTOCAST_MODULES))
+def test_autocast_input_from_an_autocast_op(backend, kind):
+    """Under autocast a recurrent module reads what an autocast op made (a bf16 Linear output)
+    with fp32 weights: torch.nn runs it in bf16; turbolm raised DTypeError ("weight_ih_l0 has
+    dtype float32 but input has bfloat16"). Now the op runs in the autocast dtype: bf16 output,
+    values and fp32 weight / input gradients like torch.nn's within bf16 rounding."""
+    cls, torch_cls, kwargs = AUTOCAST_MODULES[kind]
+    torch.manual_seed(0)
+    ours, theirs = cls(4, 6, **kwargs), torch_cls(4, 6, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    proj = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4) if "cell" in kind else torch.randn(5, 2, 4)
+    results = []
+    for module in (ours, theirs):
+        xx = x.clone().requires_grad_()
+        with turbolm.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(proj(xx))
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        out.float().square().sum().backward()
+        weight = module.weight_ih if "cell" in kind else module.weight_ih_l0
+        results.append((out, xx.grad, weight.grad))
+    (out, gx, gw), (ref, rgx, rgw) = results
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert gx.dtype == gw.dtype == torch.float32
+    for got, want in ((out, ref), (gx, rgx), (gw, rgw)):
+        scale = want.float().abs().max().item()
+        assert (got.float() - want.float()).abs().max().item() <= 0.03 * scale + 1e-3

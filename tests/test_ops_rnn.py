@@ -460,3 +460,47 @@ def test_kernel_path_dropout_matches_reference(fake_kernels, mode):
 def test_auto_picks_torch_on_cpu():
     assert registry.select("lstm", "cpu").name == "torch"
     assert registry.select("gru_cell", "cpu").name == "torch"
+
+
+LENGTHS_COMPILE_SCRIPT = """
+import torch
+from turbolm.ops.rnn import lstm
+
+module = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+lengths = torch.tensor([3, 1])
+
+def run(x, *weights):
+    kwargs = {"num_layers": 2, "bidirectional": True, "lengths": lengths}
+    return lstm(x, None, list(weights), **kwargs, backend="reference")
+
+x = torch.randn(3, 2, 3)
+out, (h_n, c_n) = torch.compile(run, fullgraph=True, backend="aot_eager")(
+    x, *module._flat_weights
+)
+expected, (eh, ec) = run(x, *module._flat_weights)
+for got, want in ((out, expected), (h_n, eh), (c_n, ec)):
+    torch.testing.assert_close(got, want)
+print("lengths compile ok")
+"""
+
+
+def test_torch_compile_with_lengths():
+    """torch.compile(fullgraph=True) of the op with variable lengths: the lengths range check
+    called .item() on the lengths (a data-dependent guard dynamo cannot trace). In a fresh
+    process (a torch.compile trace breaks later Triton interpreter kernels in the process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-c", LENGTHS_COMPILE_SCRIPT],
+        env={k: v for k, v in os.environ.items() if k != "TURBOLM_BACKEND"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0 and "lengths compile ok" in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-4000:]
+    )

@@ -461,6 +461,54 @@ def test_double_backward_raises_instead_of_dropping_terms(request, backend, mode
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
+COLD_COMPILE_SCRIPT = """
+import torch
+import turbolm
+from turbolm.nn import GRUCell, LSTMCell
+from turbolm.ops.rnn import gru
+
+for backend in ("cpu", "auto"):
+    torch._dynamo.reset()
+    cell = LSTMCell(3, 4)
+    x = torch.randn(2, 3, requires_grad=True)
+    with turbolm.use_backend(backend):
+        h, c = torch.compile(cell, fullgraph=True, backend="aot_eager")(x)
+        (h.sum() + c.sum()).backward()
+    torch.testing.assert_close(h, torch.nn.LSTMCell.forward(cell, x)[0])
+module = torch.nn.GRU(3, 4)
+lengths = torch.tensor([3, 1])
+
+def run(x, *weights):
+    return gru(x, None, list(weights), num_layers=1, lengths=lengths, backend="cpu")
+
+x = torch.randn(3, 2, 3)
+out, h_n = torch.compile(run, fullgraph=True, backend="aot_eager")(x, *module._flat_weights)
+torch.testing.assert_close(out, run(x, *module._flat_weights)[0])
+print("cold compile ok")
+"""
+
+
+def test_torch_compile_fullgraph_first_call(built):
+    """torch.compile(fullgraph=True) where the compiled call is the process's first RNN call
+    (the extension built but not loaded): the selection loaded the extension inside the trace
+    (file I/O, a lock) and failed with 'Unsupported'. A fresh process, so nothing is loaded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-c", COLD_COMPILE_SCRIPT],
+        env={k: v for k, v in os.environ.items() if k != "TURBOLM_BACKEND"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0 and "cold compile ok" in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-4000:]
+    )
+
+
 # --- backend selection -------------------------------------------------------------------------
 
 

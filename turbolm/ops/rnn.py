@@ -79,12 +79,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import _VF
+from torch.amp.autocast_mode import is_autocast_available
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from turbolm.errors import DeviceError, DTypeError, InputError, ShapeError
 from turbolm.ops import registry
 from turbolm.ops.checks import check_float, check_ndim, check_shape, check_tensor
-from turbolm.ops.function import run_backend
+from turbolm.ops.function import eager_at_compile_time, run_backend
 
 # Gate count per mode: weights have G = GATES[mode] * hidden_size rows.
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -395,7 +396,12 @@ def _check_lengths(lengths, batch, steps, device):
         raise InputError(
             f"lengths must be on the CPU or on input's device {device}, got {lengths.device}"
         )
-    if batch and (lengths.min().item() < 1 or lengths.max().item() > steps):
+    # The values are data: not checked while torch.compile traces (the kernels check them).
+    if (
+        batch
+        and not torch.compiler.is_compiling()
+        and (lengths.min().item() < 1 or lengths.max().item() > steps)
+    ):
         raise InputError(
             f"lengths must be in [1, {steps}] (the sequence length), got "
             f"min {lengths.min().item()}, max {lengths.max().item()}"
@@ -445,6 +451,34 @@ def _check_like_input(input, tensors: dict[str, torch.Tensor | None]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Functional API
 # ---------------------------------------------------------------------------------------------
+
+
+def _dtype_or_none(t):
+    return None if t is None else t.dtype
+
+
+@eager_at_compile_time
+def _prepare_for_compile(op, device_type, backend, dtypes, options) -> bool:
+    """Run by torch.compile outside the traced code (eagerly, once per trace): select the
+    backend for inputs of these dtypes (input, weights..., states..., lengths) and ``options``
+    (``registry.select``'s keyword arguments, as a tuple of pairs), which loads the extension
+    and registers its fake implementations when the backend needs them. Tracing that first
+    load (file locks, filling caches) broke ``torch.compile(fullgraph=True)`` of code whose
+    RNN ops had not run eagerly in this process. Returns whether the selection succeeded;
+    when not, the traced ``registry.select`` raises the error as in eager mode."""
+    x_dtype, weight_dtypes, state_dtypes, lengths_dtype = dtypes
+    options = dict(options)
+    dims = 2 if op.endswith("_cell") else 3
+    x = torch.ones((1,) * dims, dtype=x_dtype, device=device_type)
+    inputs = {"input": x, "hx": tuple(x.new_ones(1, 1, 1, dtype=d) for d in state_dtypes)}
+    if dims == 3:
+        inputs["weights"] = [x.new_ones(1, dtype=d) for d in weight_dtypes]
+        inputs["lengths"] = None if lengths_dtype is None else x.new_ones(1, dtype=lengths_dtype)
+    try:
+        registry.select(op, device_type, backend, **inputs, **options)
+    except Exception:  # noqa: BLE001 - raised again, typed, by the traced selection
+        return False
+    return True
 
 
 def _run_kernel_layers(chosen, mode, x, states, weights, lengths, opts, hidden):
@@ -512,8 +546,44 @@ def _check_sequence_inputs(mode, input, states, weights, lengths, batch_first, o
     return hidden, steps, batch
 
 
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_dtype(input) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for ``input``'s device, else None."""
+    if not isinstance(input, torch.Tensor):
+        return None
+    device_type = input.device.type
+    if device_type not in ("cpu", "cuda") and not is_autocast_available(device_type):
+        return None  # e.g. meta: torch.is_autocast_enabled would raise
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_cast(value, dtype):
+    """``value`` (a tensor, a sequence of tensors, or anything else) with its fp16 / bf16 / fp32
+    tensors cast to ``dtype`` (differentiably), as autocast casts an op's arguments."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.dtype in _AUTOCAST_ELIGIBLE else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_autocast_cast(v, dtype) for v in value)
+    return value
+
+
 def _run_sequence(op, mode, input, hx, weights, lengths, backend, **opts):
-    """Check, normalize to batched time-major, dispatch, and restore the caller's layout."""
+    """Check, normalize to batched time-major, dispatch, and restore the caller's layout.
+
+    Under autocast the op runs in the autocast dtype, as torch.nn's recurrent modules do
+    (cuDNN's RNN and oneDNN's on CPU are autocast lower-precision ops): input, states and
+    weights are cast (the weight gradients flow back to the fp32 weights) and the backends run
+    with autocast off, so an input that an earlier autocast op made bf16 meets bf16 weights.
+    """
+    dtype = _autocast_dtype(input)
+    if dtype is not None:
+        input, hx, weights = (_autocast_cast(v, dtype) for v in (input, hx, weights))
+        with torch.autocast(input.device.type, enabled=False):
+            return _run_sequence(op, mode, input, hx, weights, lengths, backend, **opts)
     batch_first = opts.pop("batch_first")
     states = _states_tuple(mode, hx)
     hidden, _, batch = _check_sequence_inputs(
@@ -532,6 +602,22 @@ def _run_sequence(op, mode, input, hx, weights, lengths, backend, **opts):
         states = tuple(s.unsqueeze(1) for s in states)
     lengths = lengths.long() if lengths is not None else None
     weights = list(weights)
+    if torch.compiler.is_compiling():
+        dtypes = (
+            x.dtype,
+            tuple(w.dtype for w in weights),
+            tuple(s.dtype for s in states),
+            _dtype_or_none(lengths),
+        )
+        options = (
+            ("mode", mode),
+            ("num_layers", opts["num_layers"]),
+            ("bidirectional", opts["bidirectional"]),
+            ("proj_size", opts["proj_size"]),
+            ("dropout", opts["dropout"]),
+            ("training", opts["training"]),
+        )
+        _prepare_for_compile(op, x.device.type, backend, dtypes, options)
     chosen = registry.select(
         op,
         x.device.type,
@@ -701,7 +787,14 @@ def _check_cell_inputs(mode, input, states, w_ih, w_hh, b_ih, b_hh) -> int:
 
 
 def _run_cell(op, mode, input, hx, w_ih, w_hh, b_ih, b_hh, backend):
-    """Check, normalize to batched (B, I), dispatch, restore unbatched."""
+    """Check, normalize to batched (B, I), dispatch, restore unbatched (autocast: as
+    :func:`_run_sequence`; torch's cells are autocast lower-precision ops on CUDA, and on CPU
+    their matmuls are)."""
+    dtype = _autocast_dtype(input)
+    if dtype is not None:
+        args = [_autocast_cast(v, dtype) for v in (input, hx, w_ih, w_hh, b_ih, b_hh)]
+        with torch.autocast(input.device.type, enabled=False):
+            return _run_cell(op, mode, *args, backend)
     states = _states_tuple(mode, hx)
     hidden = _check_cell_inputs(mode, input, states, w_ih, w_hh, b_ih, b_hh)
     batched = input.dim() == 2
@@ -710,6 +803,9 @@ def _run_cell(op, mode, input, hx, w_ih, w_hh, b_ih, b_hh, backend):
         states = tuple(x.new_zeros(x.shape[0], hidden) for _ in range(2 if mode == "lstm" else 1))
     elif not batched:
         states = tuple(s.unsqueeze(0) for s in states)
+    if torch.compiler.is_compiling():
+        dtypes = (x.dtype, (), tuple(s.dtype for s in states), None)
+        _prepare_for_compile(op, x.device.type, backend, dtypes, (("mode", mode),))
     chosen = registry.select(op, x.device.type, backend, input=x, hx=states, mode=mode)
     if chosen.is_autograd_native:
         out = chosen.fn(x, states, w_ih, w_hh, b_ih, b_hh, mode=mode)
