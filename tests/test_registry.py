@@ -165,3 +165,20 @@ def test_selection_cache_follows_the_registry_and_the_request(counted_op, monkey
     for _ in range(2):  # an invalid value raises on every call
         with pytest.raises(BackendError, match="unknown backend 'fastest'"):
             _pick3()
+
+
+def test_importing_turbolm_leaves_dynamo_and_triton_language_unimported():
+    """``import turbolm`` (ops, models, patching) must not import torch._dynamo: it imports
+    triton.language, after which TRITON_INTERPRET=1 set later no longer takes effect (the
+    interpreter tests then fail with "Cannot call @triton.jit'd outside of the scope of a
+    kernel"); it also costs about a second."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, turbolm, turbolm.ops, turbolm.nn, turbolm.models, turbolm.patching\n"
+        "bad = [m for m in ('torch._dynamo', 'triton.language') if m in sys.modules]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from turbolm.errors import DTypeError, InputError, ShapeError
 from turbolm.ops import ext_support, registry, triton_support
 from turbolm.ops.checks import check_float, check_same_device, check_same_dtype, check_tensor
-from turbolm.ops.function import run_backend
+from turbolm.ops.function import eager_at_compile_time, run_backend
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum")
@@ -323,7 +323,7 @@ def _selection_key(x, weight, bias) -> tuple:
     )
 
 
-@torch.compiler.assume_constant_result
+@eager_at_compile_time
 def _prepare_for_compile(device_type, backend, x_dtype, weight_dtype, bias_dtype) -> str:
     """Run by torch.compile outside the traced code (eagerly, once per trace): select the
     backend for inputs of these dtypes, which loads the extension (or imports the Triton
