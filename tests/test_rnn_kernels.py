@@ -723,6 +723,86 @@ def test_cuda_variant_switch():
     assert stats is None or set(stats) == set(rnn_kernels.CUDA_STATS)
 
 
+def test_release_cuda_caches(built):
+    """The release op exists in CUDA builds and runs without a GPU (nothing cached: no CUDA
+    call); None when the extension has no CUDA part."""
+    released = rnn_kernels.release_cuda_caches()
+    if ext.load_extension().build_info()["cuda"]:
+        assert set(released) == {"graphs", "handles"}
+        assert all(isinstance(v, int) and v >= 0 for v in released.values()), released
+    else:
+        assert released is None
+
+
+# The graph cache's cap (csrc/rnn/rnn.cu graphs::kMaxEntries).
+GRAPH_CACHE_CAP = 64
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_cuda_caches_bounded_and_released(no_tf32):
+    """The graph variant keeps no GPU buffer between calls (its cuBLAS workspace is per call),
+    caches at most GRAPH_CACHE_CAP graphs per process (least recently used evicted),
+    release_cuda_caches() destroys them all (the next call warms up and captures again, with
+    the same results), and threads that exit hand their cuBLAS handles on (no handle per
+    thread ever created)."""
+    import threading
+    import time
+
+    import turbolm
+    import turbolm.nn
+
+    torch.manual_seed(0)
+    module = turbolm.nn.GRU(8, 16).cuda()
+
+    def run(batch, x=None):
+        x = torch.randn(3, batch, 8, device="cuda") if x is None else x  # (T, B, I)
+        with torch.no_grad(), turbolm.use_backend("cuda"):
+            return module(x)[0]
+
+    def delta(before):
+        after = rnn_kernels.cuda_stats()
+        return {k: after[k] - before[k] for k in after}
+
+    run(1)  # whatever the module or torch allocate once, before measuring
+    rnn_kernels.release_cuda_caches()
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    before = rnn_kernels.cuda_stats()
+    sizes = GRAPH_CACHE_CAP + 6
+    with rnn_kernels.cuda_variant("graph,strict"):
+        for batch in range(1, sizes + 1):  # one graph per batch size: warm-up, then capture
+            run(batch)
+            run(batch)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == allocated  # no workspace or buffer kept
+    did = delta(before)
+    assert did["graph_fallbacks"] == 0 and did["graph_captures"] == sizes, did
+    assert did["graph_evictions"] == sizes - GRAPH_CACHE_CAP, did
+    assert rnn_kernels.release_cuda_caches()["graphs"] == GRAPH_CACHE_CAP
+
+    x = torch.randn(3, 4, 8, device="cuda")
+    with rnn_kernels.cuda_variant("loop"):
+        expected = run(4, x)
+    before = rnn_kernels.cuda_stats()
+    with rnn_kernels.cuda_variant("graph,strict"):
+        for _ in range(4):
+            torch.testing.assert_close(run(4, x), expected, rtol=1e-5, atol=1e-6)
+    did = delta(before)
+    assert did["graph_warmups"] == 1 and did["graph_captures"] >= 1, did
+    assert did["graph_replays"] > 0, did  # same buffers from one call to the next
+
+    rnn_kernels.release_cuda_caches()
+    run(5)  # the main thread takes a handle again
+    for _ in range(8):
+        worker = threading.Thread(target=run, args=(5,))
+        worker.start()
+        worker.join()
+        time.sleep(0.05)  # the thread's C++ thread-locals go after Python's join returns
+    handles = rnn_kernels.release_cuda_caches()["handles"]
+    assert 1 <= handles <= 3, handles  # the main thread's and the one the workers passed on
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", ("cuda", "triton"))

@@ -32,6 +32,13 @@
 // Whatever a variant does not cover (projections; padding for the persistent kernel; fp64)
 // runs the plain loop. torch.ops.turbolm.rnn_cuda_stats() counts what the variants did
 // (graph replays vs recaptures, persistent launches vs refusals) for benchmarks and tests.
+//
+// Resources kept between calls, all bounded and all freed by
+// torch.ops.turbolm.rnn_release_cuda_caches() (turbolm.ops.rnn_kernels.release_cuda_caches):
+// cuBLAS handles (a process-wide pool: as many as threads running these ops at once; see
+// "handles") and the executable graphs of the graph variant (process-wide LRU cache of
+// graphs::kMaxEntries). No GPU buffer is kept: workspaces and scratch buffers come from torch's
+// caching allocator per call. Nothing is freed during static destruction or thread exit.
 #include <ATen/core/Tensor.h>
 #include <ATen/Context.h>
 #include <ATen/ops/empty.h>
@@ -56,12 +63,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "rnn_layer.h"
@@ -140,7 +147,8 @@ int blocks_for(int64_t work) {
 // points come from the libcublas that libtorch_cuda already loaded (dlopen RTLD_NOLOAD, by
 // soname), so nothing extra is linked; the C ABI below is cuBLAS's stable v2 API.
 // Handles: one per host thread and device (the forward and backward of autograd run on
-// different threads), bound to the current stream on every call. fp32 GEMMs follow
+// different threads), bound to the current stream on every call, lent by a process-wide pool
+// (see "handles" below: bounded by the threads alive at once). fp32 GEMMs follow
 // torch.backends.cuda.matmul.allow_tf32 (as at::mm does); half-precision operands accumulate
 // in fp32 with fp32 reductions (CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION).
 namespace blas {
@@ -163,6 +171,7 @@ static_assert(CUBLAS_COMPUTE_32F == kCompute32F && CUBLAS_GEMM_DEFAULT == kGemmD
 
 struct Api {
   Status (*create)(Handle*) = nullptr;                   // cublasCreate_v2
+  Status (*destroy)(Handle) = nullptr;                   // cublasDestroy_v2
   Status (*set_stream)(Handle, cudaStream_t) = nullptr;  // cublasSetStream_v2
   Status (*set_math_mode)(Handle, int) = nullptr;        // cublasSetMathMode
   Status (*set_workspace)(Handle, void*, size_t) = nullptr;  // cublasSetWorkspace_v2 (optional)
@@ -198,6 +207,7 @@ const Api& api() {
       if (fn == nullptr && a.error.empty()) a.error = std::string("cuBLAS lacks ") + name;
     };
     sym(a.create, "cublasCreate_v2");
+    sym(a.destroy, "cublasDestroy_v2");
     sym(a.set_stream, "cublasSetStream_v2");
     sym(a.set_math_mode, "cublasSetMathMode");
     sym(a.sgemm, "cublasSgemm_v2");
@@ -221,48 +231,161 @@ struct Workspace {
   size_t bytes = 0;
 };
 
-// The workspace the GEMMs of this thread use while it captures a graph (none otherwise).
-Workspace& capture_workspace() {
-  static thread_local Workspace w;
+// The workspace the GEMMs of this thread use while it runs the step loop of the graph variant
+// (warm-up, capture, fallback; see graphs::run), none otherwise (cuBLAS's default pool).
+Workspace& graph_workspace() {
+  static thread_local Workspace w;  // trivially destructible
   return w;
+}
+
+// Sets graph_workspace() for a scope (restored on exit, exceptions included).
+class UseWorkspace {
+ public:
+  explicit UseWorkspace(Workspace w) : old_(graph_workspace()) { graph_workspace() = w; }
+  ~UseWorkspace() { graph_workspace() = old_; }
+  UseWorkspace(const UseWorkspace&) = delete;
+  UseWorkspace& operator=(const UseWorkspace&) = delete;
+
+ private:
+  Workspace old_;
+};
+
+// ---- handles ----
+//
+// A thread takes one handle per device on its first GEMM there and keeps it while it lives;
+// when the thread exits, its handles go back to a process-wide pool (a pointer push: no CUDA
+// call at thread exit), where the next thread finds them. So a process holds as many handles
+// (each with cuBLAS's own default workspace) as threads were running these ops at the same
+// time, not one per thread ever created (thread pools, servers); torch's cuBLAS handle pool
+// works the same way. release_handles() destroys the idle ones and the calling thread's.
+//
+// A handle whose GEMMs were recorded into a CUDA graph that is not ours (torch.cuda.graph
+// around the op: the GEMMs then use the handle's default workspace, which that graph keeps
+// using on every replay) is "pinned": it is reused but never destroyed.
+constexpr int kMaxDevices = 64;
+
+struct Pooled {
+  Handle handle;
+  bool pinned;
+};
+
+struct HandlePool {
+  std::mutex mutex;
+  std::vector<Pooled> idle[kMaxDevices];
+};
+
+HandlePool& handle_pool() {
+  static auto* pool = new HandlePool();  // leaked: never destroyed, so never used after it
+  return *pool;
+}
+
+struct ThreadHandles {
+  Handle handles[kMaxDevices] = {};
+  bool pinned[kMaxDevices] = {};
+  ThreadHandles() = default;
+  ThreadHandles(const ThreadHandles&) = delete;
+  ThreadHandles& operator=(const ThreadHandles&) = delete;
+  ~ThreadHandles() {  // thread exit: back to the pool (no CUDA call)
+    HandlePool& pool = handle_pool();
+    std::lock_guard<std::mutex> lock(pool.mutex);
+    for (int d = 0; d < kMaxDevices; ++d) {
+      if (handles[d] != nullptr) pool.idle[d].push_back({handles[d], pinned[d]});
+    }
+  }
+};
+
+ThreadHandles& thread_handles() {
+  static thread_local ThreadHandles t;
+  return t;
+}
+
+// Pins this thread's handle for `device` (the one it has or will take) when the current
+// stream there is being captured by someone else's graph. Called once per op, before its
+// GEMMs (CudaKernels::check_device); a failed query pins too (conservative).
+void note_foreign_capture(int device) {
+  if (device < 0 || device >= kMaxDevices) return;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(
+      c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)), &status);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  if (err != cudaSuccess || status != cudaStreamCaptureStatusNone) {
+    thread_handles().pinned[device] = true;
+  }
 }
 
 // This thread's handle for the current device, bound to the current stream, in `math` mode.
 Handle handle(int math) {
-  constexpr int kMaxDevices = 64;
-  static thread_local Handle handles[kMaxDevices] = {};
   const Api& a = api();
   const int device = c10::cuda::current_device();
   TORCH_CHECK(device >= 0 && device < kMaxDevices, "turbolm rnn (cuda): device index ", device);
-  Handle& h = handles[device];
-  if (h == nullptr) check(a.create(&h), "cublasCreate");
-  check(a.set_stream(h, c10::cuda::getCurrentCUDAStream()), "cublasSetStream");
-  // cublasSetStream resets the workspace to cuBLAS's default pool; while a loop is being
-  // captured into a CUDA graph, point it at a workspace we own instead (no allocation during
-  // capture, and the memory outlives the graph).
-  if (capture_workspace().data != nullptr) {
-    check(a.set_workspace(h, capture_workspace().data, capture_workspace().bytes),
-          "cublasSetWorkspace");
+  ThreadHandles& mine = thread_handles();
+  Handle& h = mine.handles[device];
+  if (h == nullptr) {
+    {
+      HandlePool& pool = handle_pool();
+      std::lock_guard<std::mutex> lock(pool.mutex);
+      std::vector<Pooled>& idle = pool.idle[device];
+      if (!idle.empty()) {
+        h = idle.back().handle;
+        mine.pinned[device] = mine.pinned[device] || idle.back().pinned;
+        idle.pop_back();
+      }
+    }
+    if (h == nullptr) check(a.create(&h), "cublasCreate");
   }
+  check(a.set_stream(h, c10::cuda::getCurrentCUDAStream()), "cublasSetStream");
+  // cublasSetStream resets the workspace to cuBLAS's default pool; while the graph variant
+  // runs its step loop, point it at that call's workspace instead (no allocation during a
+  // capture; the same algorithms in the warm-up, the capture and a fallback).
+  const Workspace& gw = graph_workspace();
+  if (gw.data != nullptr) check(a.set_workspace(h, gw.data, gw.bytes), "cublasSetWorkspace");
   check(a.set_math_mode(h, math), "cublasSetMathMode");
   return h;
 }
 
-// One cuBLAS workspace per (device, stream a graph is launched on), allocated once (before
-// any capture) and never freed: the graphs recorded for that stream keep its address.
-constexpr size_t kWorkspaceBytes = size_t(32) << 20;  // cuBLAS's recommendation for Hopper
-
-Workspace stream_workspace(int device, cudaStream_t stream) {
-  static std::mutex mutex;
-  static auto* spaces = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // leaked
-  std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& t = (*spaces)[{device, stream}];
-  if (!t.defined()) {
-    t = at::empty({static_cast<int64_t>(kWorkspaceBytes)},
-                  at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+// Destroys the idle pooled handles and the calling thread's own (pinned ones excepted);
+// returns how many. cublasDestroy synchronizes the device. The caller's thread takes a new
+// handle on its next GEMM.
+int64_t release_handles() {
+  std::vector<std::pair<int, Handle>> doomed;
+  ThreadHandles& mine = thread_handles();
+  {
+    HandlePool& pool = handle_pool();
+    std::lock_guard<std::mutex> lock(pool.mutex);
+    for (int d = 0; d < kMaxDevices; ++d) {
+      std::vector<Pooled>& idle = pool.idle[d];
+      std::vector<Pooled> keep;
+      for (const Pooled& p : idle) {
+        if (p.pinned) {
+          keep.push_back(p);
+        } else {
+          doomed.emplace_back(d, p.handle);
+        }
+      }
+      idle.swap(keep);
+      if (mine.handles[d] != nullptr && !mine.pinned[d]) {
+        doomed.emplace_back(d, mine.handles[d]);
+        mine.handles[d] = nullptr;
+      }
+    }
   }
-  return {t.mutable_data_ptr(), kWorkspaceBytes};
+  if (doomed.empty()) return 0;
+  const Api& a = api();  // loaded: it created these handles
+  Status first = 0;
+  for (const auto& [device, h] : doomed) {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    // Unbind from the last stream it ran on (which may no longer exist), then destroy.
+    (void)a.set_stream(h, nullptr);
+    const Status status = a.destroy(h);
+    if (first == 0) first = status;
+  }
+  check(first, "cublasDestroy");
+  return static_cast<int64_t>(doomed.size());
 }
+
+// The cuBLAS workspace of the graph variant: allocated per call from torch's caching
+// allocator on the launch stream (see graphs::run), never kept between calls.
+constexpr size_t kWorkspaceBytes = size_t(32) << 20;  // cuBLAS's recommendation for Hopper
 
 int to_int(int64_t v, const char* what) {
   TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "turbolm rnn (cuda): GEMM ", what,
@@ -395,6 +518,7 @@ enum Stat : int {
   kGraphFallbacks,       // capture / instantiation failed: plain loop
   kPersistentLaunches,   // forward loops run by the persistent kernel
   kPersistentRefusals,   // supported sizes, but no co-resident grid: plain loop
+  kGraphEvictions,       // cached graphs destroyed to make room (graphs::kMaxEntries)
   kNumStats
 };
 
@@ -415,64 +539,112 @@ std::vector<int64_t> cuda_stats() {
 //
 // run_steps records the launches of one direction's step loop (cuBLAS GEMMs, gate kernels)
 // into a graph by stream capture and replays it. The capture runs on a private non-blocking
-// stream of this thread (the legacy default stream cannot be captured), in thread-local mode,
-// with the current stream switched to it, so every launch of the loop lands in the graph; the
-// graph is then launched on the caller's stream, which orders it after prior work there.
-// cuBLAS GEMMs in the capture use a workspace owned per (device, launch stream), set on the
-// handle while capturing (cublasSetStream would otherwise fall back to cuBLAS's pool).
+// stream created for it (the legacy default stream cannot be captured; a stream of torch's
+// pool could carry other threads' work into the capture) and destroyed right after, in
+// thread-local mode, with the current stream switched to it, so every launch of the loop
+// lands in the graph; the graph is then launched on the caller's stream, which orders it
+// after prior work there. The loop allocates nothing (run_steps leaves projections, whose
+// loop uses ATen ops, to the plain loop), so nothing is allocated on the capture stream.
 //
-// Executable graphs are cached per host thread, keyed on everything the launches depend on:
-// the layer's sizes, dtypes, direction and raw buffer pointers (from rnn_layer.h), the
-// recurrent weight's pointer / layout, the TF32 setting, device and launch stream. A call
-// whose key matches replays the graph (one host call); otherwise the loop is captured again
-// (about the host cost of the plain loop) and either updates the least recently used graph of
-// the same sizes in place (cudaGraphExecUpdate: same topology, new pointers) or is
-// instantiated anew. With the caching allocator, buffers usually come back at the same
-// addresses from one training step to the next, so steady state replays.
-// The first call of given sizes runs plainly (warm-up: cuBLAS handle, lazy kernel loading);
-// if a capture fails for any reason, the loop runs plainly (the captured launches never ran).
+// Executable graphs are cached process-wide (one mutex; lookups, launches, updates and
+// destruction of cached graphs all happen under it), keyed on everything the launches depend
+// on: the layer's sizes, dtypes, direction and raw buffer pointers (from rnn_layer.h), the
+// recurrent weight's pointer / layout, the TF32 setting, device, launch stream and the cuBLAS
+// workspace's pointer. A call whose key matches replays the graph (one host call); otherwise
+// the loop is captured again (about the host cost of the plain loop) and either updates the
+// least recently used graph of the same sizes in place (cudaGraphExecUpdate: same topology,
+// new pointers) or is instantiated anew. With the caching allocator, buffers usually come
+// back at the same addresses from one training step to the next, so steady state replays.
+// The first call of given sizes on a device runs plainly (warm-up: cuBLAS handle, lazy kernel
+// loading); if a capture fails for any reason, the loop runs plainly (the captured launches
+// never ran).
+//
+// Memory safety. A cached graph holds raw addresses. It is replayed only by a call whose key
+// holds the same addresses, i.e. only while those addresses belong to that call's live
+// buffers (the key covers every address the captured launches touch: the buffers of
+// rnn_layer.h's key, the weight, and the workspace); a graph whose buffers were freed just
+// sits in the cache, unreplayable, until evicted. No GPU memory is held by the cache: the
+// cuBLAS workspace (kWorkspaceBytes) is allocated per call from torch's caching allocator on
+// the launch stream, set on the handle for the warm-up, the capture and a fallback, part of
+// the key, and freed when the call returns (stream-ordered, like every tensor the call frees
+// after its launches). Steady state gets the same block back, so its address does not spoil
+// replays; torch.cuda.empty_cache() can return it to the driver between calls.
+//
+// Bounds: kMaxEntries graphs per process (least recently used evicted: cudaGraphExecDestroy,
+// which lets in-flight launches complete), kPerShape per size key (beyond that, recaptures
+// update the least recently used one in place). release_all() (torch.ops.turbolm.
+// rnn_release_cuda_caches) destroys them all. The cache is leaked at exit (no CUDA calls
+// during static destruction).
 namespace graphs {
 
 struct Entry {
   std::vector<int64_t> key;
+  int device = 0;
   cudaGraphExec_t exec = nullptr;
   uint64_t used = 0;
 };
 
 struct Cache {
+  std::mutex mutex;
   std::vector<Entry> entries;
-  std::vector<std::vector<int64_t>> warmed;  // size keys already run once plainly
+  std::vector<std::vector<int64_t>> warmed;  // (device, size key) already run once plainly
   uint64_t clock = 0;
-  cudaStream_t side[64] = {};
 };
 
-Cache& cache() {  // per thread; leaked on purpose (no CUDA calls during static destruction)
-  static thread_local Cache* c = new Cache();
+Cache& cache() {  // process-wide; leaked on purpose (no CUDA calls during static destruction)
+  static auto* c = new Cache();
   return *c;
 }
 
-constexpr size_t kMaxEntries = 128;  // per thread
-constexpr int kPerShape = 8;         // graphs kept per size key (e.g. several layers)
-constexpr size_t kShapeLen = 12;     // key[0, kShapeLen): sizes and flags (rnn_layer.h)
+constexpr size_t kMaxEntries = 64;  // per process: e.g. 16 layers x 2 directions x fwd / bwd
+constexpr int kPerShape = 8;        // graphs kept per size key (e.g. several layers)
+constexpr size_t kShapeLen = 12;    // key[0, kShapeLen): sizes and flags (rnn_layer.h)
+constexpr size_t kMaxWarmed = 256;  // size keys remembered as warmed up
 
-bool same_shape(const std::vector<int64_t>& a, const std::vector<int64_t>& b) {
-  return a.size() == b.size() && std::equal(a.begin(), a.begin() + kShapeLen, b.begin());
+bool same_shape(const Entry& e, int device, const std::vector<int64_t>& key) {
+  return e.device == device && e.key.size() == key.size() &&
+         std::equal(key.begin(), key.begin() + kShapeLen, e.key.begin());
 }
 
-// Captures steps() on this thread's side stream; nullptr if capture failed.
+// Empties an entry (under the cache mutex); in-flight launches of its graph still complete.
+void destroy_exec(Entry& e) {
+  e.key.clear();  // an entry without a graph matches no call
+  if (e.exec == nullptr) return;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(e.device));
+  const cudaError_t err = cudaGraphExecDestroy(e.exec);
+  e.exec = nullptr;
+  C10_CUDA_CHECK(err);
+}
+
+struct OwnedGraph {  // a captured graph, destroyed on every way out of run()
+  cudaGraph_t graph = nullptr;
+  explicit OwnedGraph(cudaGraph_t g) : graph(g) {}
+  ~OwnedGraph() {
+    if (graph != nullptr) (void)cudaGraphDestroy(graph);
+  }
+  OwnedGraph(const OwnedGraph&) = delete;
+  OwnedGraph& operator=(const OwnedGraph&) = delete;
+};
+
+struct SideStream {  // a stream that lives for one capture
+  cudaStream_t stream = nullptr;
+  SideStream() { C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
+  ~SideStream() { (void)cudaStreamDestroy(stream); }  // nothing ran on it: it only recorded
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+};
+
+// Captures steps() on a private stream (GEMMs in workspace ws); nullptr if capture failed.
 template <typename F>
-cudaGraph_t capture(int device, cudaStream_t launch, F& steps) {
-  Cache& c = cache();
-  cudaStream_t& side = c.side[device];
-  if (side == nullptr) C10_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
-  const blas::Workspace ws = blas::stream_workspace(device, launch);
+cudaGraph_t capture(int device, const blas::Workspace& ws, F& steps) {
+  const SideStream owner;
+  const cudaStream_t side = owner.stream;
   cudaGraph_t graph = nullptr;
   bool ok = false;
   {
     c10::cuda::CUDAStreamGuard guard(
         c10::cuda::getStreamFromExternal(side, static_cast<c10::DeviceIndex>(device)));
-    blas::Workspace& cw = blas::capture_workspace();
-    cw = ws;
+    blas::UseWorkspace use(ws);
     if (cudaStreamBeginCapture(side, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
       bool threw = false;
       try {
@@ -483,12 +655,19 @@ cudaGraph_t capture(int device, cudaStream_t launch, F& steps) {
       const cudaError_t end = cudaStreamEndCapture(side, &graph);
       ok = !threw && end == cudaSuccess && graph != nullptr;
     }
-    cw = blas::Workspace{};
   }
   if (!ok) {
     (void)cudaGetLastError();  // clear the capture error; the plain loop runs instead
     if (graph != nullptr) cudaGraphDestroy(graph);
-    return nullptr;
+    graph = nullptr;
+  }
+  // The handle is still bound to `side`: bind it back to the caller's stream before `side`
+  // goes.
+  try {
+    (void)blas::handle(blas::kDefaultMath);
+  } catch (...) {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    throw;
   }
   return graph;
 }
@@ -500,17 +679,72 @@ void run(std::vector<int64_t> key, const Operand& w, bool strict, F& steps) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(launch, &status));
   const int device = c10::cuda::current_device();
-  if (status != cudaStreamCaptureStatusNone || api.set_workspace == nullptr || device >= 64) {
+  if (status != cudaStreamCaptureStatusNone || api.set_workspace == nullptr ||
+      device >= blas::kMaxDevices) {
     steps();  // inside someone else's capture, or no cublasSetWorkspace: plain loop
     return;
   }
+  // This call's cuBLAS workspace (see "Memory safety"), allocated on the launch stream.
+  at::Tensor workspace;
+  try {
+    workspace = at::empty({static_cast<int64_t>(blas::kWorkspaceBytes)},
+                          at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+  } catch (const c10::OutOfMemoryError&) {
+    TORCH_CHECK(!strict, "turbolm rnn (cuda): no memory for the step-loop graph's workspace");
+    count(kGraphFallbacks);
+    steps();  // the plain loop, on cuBLAS's default workspace
+    return;
+  }
+  const blas::Workspace ws{workspace.mutable_data_ptr(), blas::kWorkspaceBytes};
   key.push_back(device);
   key.push_back(reinterpret_cast<int64_t>(launch));
   key.push_back(reinterpret_cast<int64_t>(w.t.defined() ? w.t.const_data_ptr() : nullptr));
   key.push_back(w.ld);
   key.push_back(w.trans);
   key.push_back(at::globalContext().allowTF32CuBLAS());
+  key.push_back(reinterpret_cast<int64_t>(ws.data));
   Cache& c = cache();
+  bool warm_up = false;
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    for (Entry& e : c.entries) {
+      if (e.key == key) {
+        e.used = ++c.clock;
+        count(kGraphReplays);
+        C10_CUDA_CHECK(cudaGraphLaunch(e.exec, launch));
+        return;
+      }
+    }
+    // The first call of given sizes runs plainly (below): it creates the cuBLAS handle and
+    // loads the kernels (lazy module loading) outside of any capture, as CUDA-graph users
+    // warm up.
+    std::vector<int64_t> sizes(key.begin(), key.begin() + kShapeLen);
+    sizes.push_back(device);
+    if (std::find(c.warmed.begin(), c.warmed.end(), sizes) == c.warmed.end()) {
+      if (c.warmed.size() >= kMaxWarmed) c.warmed.clear();
+      c.warmed.push_back(std::move(sizes));
+      count(kGraphWarmups);
+      warm_up = true;
+    }
+  }
+  if (warm_up) {
+    blas::UseWorkspace use(ws);  // the algorithms the capture will pick
+    steps();
+    return;
+  }
+  (void)blas::handle(blas::kDefaultMath);  // exists already; never created inside a capture
+  const OwnedGraph owned(capture(device, ws, steps));
+  const cudaGraph_t graph = owned.graph;
+  if (graph == nullptr) {
+    TORCH_CHECK(!strict, "turbolm rnn (cuda): capturing the step loop into a CUDA graph failed");
+    count(kGraphFallbacks);
+    blas::UseWorkspace use(ws);
+    steps();
+    return;
+  }
+  count(kGraphCaptures);
+  std::unique_lock<std::mutex> lock(c.mutex);
+  // Another thread may have cached the same key meanwhile: replay that one.
   for (Entry& e : c.entries) {
     if (e.key == key) {
       e.used = ++c.clock;
@@ -519,31 +753,13 @@ void run(std::vector<int64_t> key, const Operand& w, bool strict, F& steps) {
       return;
     }
   }
-  // The first call of given sizes runs plainly: it creates the cuBLAS handle and loads the
-  // kernels (lazy module loading) outside of any capture, as CUDA-graph users warm up.
-  const std::vector<int64_t> sizes(key.begin(), key.begin() + kShapeLen);
-  if (std::find(c.warmed.begin(), c.warmed.end(), sizes) == c.warmed.end()) {
-    if (c.warmed.size() >= 256) c.warmed.clear();
-    c.warmed.push_back(sizes);
-    count(kGraphWarmups);
-    steps();
-    return;
-  }
-  (void)blas::handle(blas::kDefaultMath);  // exists already; never created inside a capture
-  cudaGraph_t graph = capture(device, launch, steps);
-  if (graph == nullptr) {
-    TORCH_CHECK(!strict, "turbolm rnn (cuda): capturing the step loop into a CUDA graph failed");
-    count(kGraphFallbacks);
-    steps();
-    return;
-  }
   // The slot: the least recently used graph of these sizes once kPerShape exist (updated in
-  // place), else a new one (evicting the least recently used of all beyond kMaxEntries).
+  // place), else a new one (evicting the least recently used of all at kMaxEntries).
   int same = 0;
   Entry* lru_same = nullptr;
   Entry* lru_all = nullptr;
   for (Entry& e : c.entries) {
-    if (same_shape(e.key, key)) {
+    if (same_shape(e, device, key)) {
       ++same;
       if (lru_same == nullptr || e.used < lru_same->used) lru_same = &e;
     }
@@ -553,41 +769,61 @@ void run(std::vector<int64_t> key, const Operand& w, bool strict, F& steps) {
   if (same >= kPerShape) {
     slot = lru_same;
     cudaGraphExecUpdateResultInfo info;
-    if (cudaGraphExecUpdate(slot->exec, graph, &info) == cudaSuccess) {
+    if (slot->exec != nullptr && cudaGraphExecUpdate(slot->exec, graph, &info) == cudaSuccess) {
       count(kGraphUpdates);
     } else {
       (void)cudaGetLastError();
-      C10_CUDA_CHECK(cudaGraphExecDestroy(slot->exec));  // in-flight launches still complete
-      slot->exec = nullptr;
+      destroy_exec(*slot);
     }
   } else if (c.entries.size() >= kMaxEntries) {
     slot = lru_all;
-    C10_CUDA_CHECK(cudaGraphExecDestroy(slot->exec));
-    slot->exec = nullptr;
+    count(kGraphEvictions);
+    destroy_exec(*slot);
   } else {
     c.entries.emplace_back();
     slot = &c.entries.back();
   }
-  count(kGraphCaptures);
+  slot->key.clear();  // matches no call until the graph below is in it
+  slot->device = device;  // where the graph below runs
   if (slot->exec == nullptr) {
     count(kGraphInstantiations);
     const cudaError_t err = cudaGraphInstantiate(&slot->exec, graph, 0);
     if (err != cudaSuccess) {
       (void)cudaGetLastError();
-      cudaGraphDestroy(graph);
       slot->exec = nullptr;
       c.entries.erase(c.entries.begin() + (slot - c.entries.data()));
+      lock.unlock();
       TORCH_CHECK(!strict, "turbolm rnn (cuda): instantiating the step-loop graph failed: ",
                   cudaGetErrorString(err));
       count(kGraphFallbacks);
+      blas::UseWorkspace use(ws);
       steps();
       return;
     }
   }
-  cudaGraphDestroy(graph);
   slot->key = std::move(key);
   slot->used = ++c.clock;
   C10_CUDA_CHECK(cudaGraphLaunch(slot->exec, launch));
+}
+
+// Destroys every cached graph (all threads'; in-flight launches still complete) and forgets
+// the warm-ups; returns how many graphs there were.
+int64_t release_all() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  int64_t n = 0;
+  cudaError_t first = cudaSuccess;
+  for (Entry& e : c.entries) {
+    if (e.exec == nullptr) continue;
+    ++n;
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(e.device));
+    const cudaError_t err = cudaGraphExecDestroy(e.exec);
+    if (first == cudaSuccess) first = err;
+  }
+  c.entries.clear();
+  c.warmed.clear();
+  if (first != cudaSuccess) C10_CUDA_CHECK(first);  // (no CUDA call at all with nothing cached)
+  return n;
 }
 
 }  // namespace graphs
@@ -880,7 +1116,11 @@ bool launch(const SeqFwd<float, L>& q) {
 struct CudaKernels {
   using Guard = c10::cuda::CUDAGuard;
 
-  static void check_device(const char* op, const at::Tensor& x) { CHECK_CUDA(x); }
+  // Once per op, before its GEMMs (and before its device guard: x's device).
+  static void check_device(const char* op, const at::Tensor& x) {
+    CHECK_CUDA(x);
+    blas::note_foreign_capture(x.device().index());
+  }
 
   // The B (K, N) operand of gemm (a weight or its transposed view), once per call.
   using Weight = Operand;
@@ -1009,6 +1249,19 @@ struct CudaKernels {
 
 // ---- ops --------------------------------------------------------------------------------------
 
+// torch.ops.turbolm.rnn_release_cuda_caches(): frees what this backend keeps between calls:
+// every cached step-loop graph (process-wide), then the cuBLAS handles idle in the pool and
+// the calling thread's own (see blas "handles"; pinned ones stay). Returns [graphs, handles]
+// destroyed. Safe while other threads run these ops (they keep their handles; a graph being
+// launched holds the cache's mutex). Nothing else is kept: the graph variant's workspace and
+// the persistent kernel's buffers are per call (torch's caching allocator), so
+// torch.cuda.empty_cache() returns them to the driver.
+std::vector<int64_t> release_cuda_caches() {
+  const int64_t graphs = graphs::release_all();
+  const int64_t handles = blas::release_handles();
+  return {graphs, handles};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd_cuda(
     const at::Tensor& x, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
     const std::optional<at::Tensor>& lengths, at::TensorList weights, c10::string_view mode,
@@ -1051,6 +1304,7 @@ cell_bwd_cuda(const std::optional<at::Tensor>& dh, const std::optional<at::Tenso
 // Defined here (CUDA builds only): no tensor arguments, so one catch-all kernel.
 TORCH_LIBRARY_FRAGMENT(turbolm, m) {
   m.def("rnn_cuda_stats() -> int[]", &turbolm::rnn::cuda_stats);
+  m.def("rnn_release_cuda_caches() -> int[]", &turbolm::rnn::release_cuda_caches);
 }
 
 TORCH_LIBRARY_IMPL(turbolm, CUDA, m) {

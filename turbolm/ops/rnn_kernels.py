@@ -19,6 +19,8 @@ direction, the whole sequence per call; cells: one step of one layer).
   CUDA graph and replayed, forward and backward) or ``persistent`` (the forward loop of
   hidden sizes <= 256 as one cooperative kernel keeping W_hh in shared memory); combinations
   like ``persistent,graph``. Cases a variant does not cover run the plain loop.
+  :func:`release_cuda_caches` frees what the CUDA backend keeps between calls (cached graphs,
+  cuBLAS handles; both bounded).
 * ``triton`` (``kernels/rnn.py``): the same algorithm with the fused gate kernels written in
   Triton and the time loop in Python (see that module for the trade-off; its per-step GEMMs
   stay fp32). CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (tests).
@@ -119,6 +121,7 @@ CUDA_STATS = (
     "graph_fallbacks",
     "persistent_launches",
     "persistent_refusals",
+    "graph_evictions",
 )
 
 
@@ -130,6 +133,23 @@ def cuda_stats() -> dict[str, int] | None:
     if not hasattr(ops, "rnn_cuda_stats"):
         return None
     return dict(zip(CUDA_STATS, ops.rnn_cuda_stats()))
+
+
+def release_cuda_caches() -> dict[str, int] | None:
+    """Frees what the CUDA backend keeps between calls: every cached CUDA graph of the
+    ``graph`` variant (process-wide), then the cuBLAS handles idle in the pool (left by threads
+    that exited) and the calling thread's own. Returns how many of each were destroyed, or None
+    when the loaded extension has no CUDA part (nothing is built or loaded here). Other threads
+    keep their handles until they exit; the next call simply creates what it needs again.
+
+    No GPU buffer is cached: the graph variant's cuBLAS workspace and the persistent kernel's
+    buffers come from torch's caching allocator per call, so ``torch.cuda.empty_cache()``
+    returns them to the driver. Destroying handles synchronizes the device."""
+    ops = torch.ops.turbolm
+    if not hasattr(ops, "rnn_release_cuda_caches"):
+        return None
+    graphs, handles = ops.rnn_release_cuda_caches()
+    return {"graphs": graphs, "handles": handles}
 
 
 # ---- C++ / CUDA extension --------------------------------------------------------------------
