@@ -191,7 +191,17 @@ def build_config(with_cuda: bool) -> dict:
     families = f"-DTURBOLM_OP_FAMILIES={','.join(op_families())}"
     return {
         "sources": cpp + cu,
-        "cflags": ["-O3", "-fopenmp", *_CPU_LEVELS[cpu_level()], *define, families],
+        # -ffp-contract=off: no compiler-chosen FMA fusions, so a value computed twice rounds
+        # the same both times (LayerNorm's dx of a zero-variance row is then exactly 0, not
+        # rstd times a rounding error) and results do not depend on the compiler's choices.
+        "cflags": [
+            "-O3",
+            "-fopenmp",
+            "-ffp-contract=off",
+            *_CPU_LEVELS[cpu_level()],
+            *define,
+            families,
+        ],
         "cuda_cflags": ["-O3", "-lineinfo", *define],
         "ldflags": ["-fopenmp"],
         "include_dirs": [str(root)],
