@@ -226,6 +226,23 @@ def test_cells_match_torch_nn(backend, kind, bias):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", (*BACKENDS, "cpu"))
+@pytest.mark.parametrize("kind", CELLS)
+def test_cells_with_an_empty_batch(backend, kind):
+    """B = 0: the shapes torch.nn gives (the cpu LSTM cell returned c' as (1, 0, H))."""
+    ours_cls, torch_cls, kwargs = CELLS[kind]
+    ours, theirs = ours_cls(4, 5, **kwargs), torch_cls(4, 5, **kwargs)
+    x = torch.randn(0, 4, requires_grad=True)
+    with turbolm.use_backend(backend):
+        got = ours(x)
+    want = theirs(x)
+    got, want = (got, want) if kind == "lstm" else ((got,), (want,))
+    assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in want]
+    with turbolm.use_backend(backend):
+        sum(t.sum() for t in got).backward()
+    assert x.grad.shape == (0, 4)
+
+
 # --- dropout between layers -----------------------------------------------------------------
 
 

@@ -671,7 +671,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_forward(
   auto [y, h_n, c_n, ws, hprev, hraw] =
       layer_forward<K>(op, x.unsqueeze(0), h.unsqueeze(0), c3, std::nullopt, w, mode,
                        0, b_ih.has_value(), false);
-  at::Tensor c_new = c_n.numel() ? c_n.squeeze(0).clone() : c_n;
+  // (1, B, H) for the LSTM, even with B = 0; the other cells return an empty (0,) c_n
+  at::Tensor c_new = c_n.dim() == 3 ? c_n.squeeze(0).clone() : c_n;
   return {h_n.squeeze(0).clone(), c_new, ws, hprev};
 }
 
@@ -697,7 +698,7 @@ cell_backward(const std::optional<at::Tensor>& dh, const std::optional<at::Tenso
   const at::Tensor empty = at::empty({0}, x.options());
   return {dx.squeeze(0).clone(),
           dh0.squeeze(0).clone(),
-          dc0.numel() ? dc0.squeeze(0).clone() : dc0,
+          dc0.dim() == 3 ? dc0.squeeze(0).clone() : dc0,
           dw[0],
           dw[1],
           b_ih ? dw[2] : empty,
