@@ -9,6 +9,8 @@ when it cannot be built; ``tests/test_norm_kernels.py::test_extension_builds`` t
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -578,3 +580,26 @@ def test_run_config_option():
         load_config(None, ["model.arch=rnn", "model.cell=rnn_relu", "model.rnn_layer_norm=true"])
     with pytest.raises(ConfigError, match="true or false"):
         load_config(None, ["model.arch=rnn", "model.rnn_layer_norm=maybe"])
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_autocast_input_from_an_autocast_op(mode):
+    """Under CPU bf16 autocast an input made bf16 by a Linear meets fp32 weights: the
+    LayerNorm recurrences run in bf16 (as the plain ones and torch.nn do; was a DTypeError)."""
+    torch.manual_seed(0)
+    cls = LSTM if mode == "lstm" else GRU
+    rnn = cls(6, 5, num_layers=2, layer_norm=True, batch_first=True)
+    proj = torch.nn.Linear(4, 6)
+    x = torch.randn(3, 7, 4)
+    want, _ = rnn(proj(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = proj(x)
+        got, states = rnn(h)
+    assert got.dtype == h.dtype == torch.bfloat16
+    # the same computation as a bf16 copy of the module, and bf16-close to fp32
+    same, _ = copy.deepcopy(rnn).bfloat16()(h.detach())
+    torch.testing.assert_close(got, same)
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.1)
+    got.float().sum().backward()
+    assert rnn.weight_ih_l0.grad.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in rnn.parameters())

@@ -182,3 +182,10 @@ def test_importing_turbolm_leaves_dynamo_and_triton_language_unimported():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("spec", [None, 3, ["torch"]])
+def test_use_backend_with_a_wrong_type_is_a_backend_error(spec):
+    with pytest.raises(BackendError, match="spec must be"):
+        with use_backend(spec):
+            pass

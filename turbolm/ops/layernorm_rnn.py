@@ -63,6 +63,8 @@ from turbolm.ops.checks import check_float, check_shape
 from turbolm.ops.norm import layer_norm
 from turbolm.ops.rnn import (
     GATES,
+    _autocast_cast,
+    _autocast_dtype,
     _check_like_input,
     _check_sequence_inputs,
     _split_direction,
@@ -165,7 +167,17 @@ def _direction(mode, x, h0, c0, w, ln, lengths, reverse, eps, backend):
 
 
 def _run(mode, input, hx, weights, ln_weights, lengths, eps, backend, **opts):
-    """Check, normalise to batched time-major, run the layers, restore the caller's layout."""
+    """Check, normalise to batched time-major, run the layers, restore the caller's layout.
+
+    Under autocast it runs in the autocast dtype, as the plain recurrent ops do (input, states,
+    weights and LayerNorm parameters cast differentiably; the ops below with autocast off)."""
+    dtype = _autocast_dtype(input)
+    if dtype is not None:
+        input, hx, weights, ln_weights = (
+            _autocast_cast(v, dtype) for v in (input, hx, weights, ln_weights)
+        )
+        with torch.autocast(input.device.type, enabled=False):
+            return _run(mode, input, hx, weights, ln_weights, lengths, eps, backend, **opts)
     batch_first = opts.pop("batch_first")
     if opts["proj_size"]:
         raise InputError(

@@ -141,6 +141,11 @@ def use_backend(spec: str | dict[str, str]) -> Iterator[None]:
 
     ``spec`` is a backend name for every op, ``"op=name,..."``, or a dict op -> name.
     """
+    if not isinstance(spec, str | dict):
+        raise BackendError(
+            f"use_backend: spec must be a backend name, 'op=name,...' or a dict op -> name, "
+            f"got {type(spec).__name__}"
+        )
     mapping = dict(spec) if isinstance(spec, dict) else _parse_spec(spec, "use_backend")
     for name in mapping.values():
         if name not in BACKEND_NAMES + ("auto",):
