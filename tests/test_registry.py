@@ -189,3 +189,21 @@ def test_use_backend_with_a_wrong_type_is_a_backend_error(spec):
     with pytest.raises(BackendError, match="spec must be"):
         with use_backend(spec):
             pass
+
+
+def test_torch_func_transforms_use_autograd_native_backends():
+    """vmap / grad cannot go through the kernel backends' autograd.Function: auto takes an
+    autograd-native backend there, and a kernel backend named explicitly is refused clearly."""
+    from turbolm.ops import layer_norm, rms_norm
+
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 8), torch.randn(8)
+    with use_backend("cpu"):  # an outer choice of a kernel backend ...
+        with use_backend("layer_norm=auto,rms_norm=auto"):  # ... and auto inside
+            per_row = torch.func.vmap(lambda r: rms_norm(r, 8, w))(x)
+            grad_w = torch.func.grad(lambda w: layer_norm(x, 8, w).pow(2).sum())(w)
+    torch.testing.assert_close(per_row, torch.nn.functional.rms_norm(x, (8,), w))
+    want = torch.func.grad(lambda w: torch.nn.functional.layer_norm(x, (8,), w).pow(2).sum())(w)
+    torch.testing.assert_close(grad_w, want)
+    with pytest.raises(BackendError, match="torch.func"):
+        torch.func.grad(lambda w: layer_norm(x, 8, w, backend="cpu").sum())(w)

@@ -33,6 +33,8 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import torch
+
 from turbolm.errors import BackendError
 
 BACKEND_NAMES = ("reference", "torch", "triton", "cuda", "cpu")
@@ -194,6 +196,8 @@ def select(
     if not backends:
         raise BackendError(f"no backend is registered for op {op!r}")
     name, source = requested_backend(op, explicit)
+    if _functorch_active():
+        return _select_for_functorch(op, device_type, name, source, backends, inputs)
     if cache_key is _NO_KEY:
         return _select(op, device_type, name, source, backends, inputs)
     slot = (op, device_type, name, cache_key)
@@ -206,6 +210,25 @@ def select(
         _SELECTED.clear()
     _SELECTED[slot] = (backends, backend)
     return backend
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev ...) is running."""
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def _select_for_functorch(op, device_type, name, source, backends, inputs) -> Backend:
+    """Under torch.func only the autograd-native backends work (the kernel backends' single
+    autograd.Function has no vmap / functorch support): ``auto`` takes them, and a kernel
+    backend asked for by name is refused with a BackendError saying so."""
+    native = {n: b for n, b in backends.items() if b.is_autograd_native}
+    if name != "auto" and name in backends and name not in native:
+        raise BackendError(
+            f"{op}: backend {name!r} (from {source}) cannot run inside torch.func transforms "
+            f"(vmap, grad, jacrev ...); use one of {sorted(native)}"
+        )
+    return _select(op, device_type, name, source, native or backends, inputs)
 
 
 def _select(
