@@ -15,7 +15,10 @@ Rows (a row whose backend cannot run here gets a "not run" note, the run goes on
 * ``turbolm_auto``: patched, every op on ``auto``;
 * CUDA: ``turbolm_triton`` (attention, rms_norm and layer_norm on ``triton``) and
   ``turbolm_cuda_norm`` (norms on ``cuda``, attention on ``auto``);
-* CPU: ``turbolm_cpu`` (norms on ``cpu``, the C++ extension; attention on ``auto``).
+* CPU: ``turbolm_cpu`` (norms on ``cpu``, the C++ extension; attention on ``auto``);
+* ``turbolm_fused_loss`` (CUDA: the fused linear cross-entropy on ``triton``) and
+  ``turbolm_cpu_fused_loss`` (CPU: norms and the fused cross-entropy on ``cpu``): patched with
+  ``apply_turbolm(model, loss=True)``, so the training step never forms the logits.
 
 Per row: forward time (``torch.no_grad``, labels given so the loss is included), forward +
 backward time (causal LM loss with labels, ``loss.backward()``, gradients set to None before
@@ -96,7 +99,19 @@ CONFIGS = {
         ("cuda",),
     ),
     "turbolm_cpu": ("sdpa", True, "rms_norm=cpu,layer_norm=cpu", ("cpu",)),
+    # apply_turbolm(model, loss=True): head + loss through the fused linear cross-entropy
+    # (no (batch, seq, vocab) logits in the training step; the error column comes from the
+    # no-grad forward, which keeps the logits).
+    "turbolm_fused_loss": ("sdpa", True, "linear_cross_entropy=triton", ("cuda",)),
+    "turbolm_cpu_fused_loss": (
+        "sdpa",
+        True,
+        "rms_norm=cpu,layer_norm=cpu,linear_cross_entropy=cpu",
+        ("cpu",),
+    ),
 }
+# Configurations patched with loss=True.
+FUSED_LOSS = frozenset({"turbolm_fused_loss", "turbolm_cpu_fused_loss"})
 BASELINE = "hf_sdpa"
 COLUMNS = (
     "family",
@@ -330,15 +345,17 @@ def configure(model, config: str) -> None:
     from turbolm.patching import apply_turbolm, revert_turbolm
 
     attn, patched, _, _ = CONFIGS[config]
+    want_loss = config in FUSED_LOSS
     is_patched = model.config._attn_implementation == "turbolm"
-    if is_patched and not patched:
+    if is_patched and (not patched or ("forward" in model.__dict__) != want_loss):
         revert_turbolm(model)
+        is_patched = False
     if not patched:
         model.set_attn_implementation(attn)
         return
     if not is_patched:
         model.set_attn_implementation(attn)
-        report = apply_turbolm(model)
+        report = apply_turbolm(model, loss=want_loss)
         print(str(report).splitlines()[0], flush=True)
         for name, reason in report.skipped:
             print(f"  skipped {name}: {reason}", flush=True)
@@ -675,7 +692,8 @@ def main(argv=None) -> list[dict]:
         ),
         "Rows: hf_* = unpatched model with that attn_implementation; turbolm_* = after "
         "apply_turbolm (turbolm_triton: attention, rms_norm and layer_norm on triton; "
-        "turbolm_cuda_norm / turbolm_cpu: the norms on that backend, attention on auto). "
+        "turbolm_cuda_norm / turbolm_cpu: the norms on that backend, attention on auto; "
+        "*_fused_loss: also loss=True, the fused linear cross-entropy in the training step). "
         "backends_used: what turbolm's registry selected in one forward.",
         f"Times: median of the timed steps after {args.warmup} warm-up step(s) "
         + (

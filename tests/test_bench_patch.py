@@ -43,7 +43,7 @@ def test_bench_patch_cpu_smoke(tmp_path):
     # turbolm_cpu names the cpu backend, which would build the C++ extension: only when built.
     configs = ["hf_sdpa", "hf_eager", "turbolm_auto", "turbolm_triton"]
     if ext.is_built():
-        configs.append("turbolm_cpu")
+        configs += ["turbolm_cpu", "turbolm_cpu_fused_loss"]
     argv = [*TINY, "--configs", ",".join(configs), "--out", str(tmp_path)]
     rows = bench.main(argv)
     assert [r["config"] for r in rows] == configs
