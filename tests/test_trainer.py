@@ -129,55 +129,49 @@ def test_training_learns_and_reports(data_dir, tmp_path):
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
 
 
+def _train_losses(data_dir, out, *overrides):
+    """(per-step train losses, final val loss) of a short run logged every step."""
+    cfg = _cfg(data_dir, out, "train.sample_tokens=0", "train.log_every=1", *overrides)
+    result = Trainer(cfg, progress=False).run()
+    losses = [
+        json.loads(line)["loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line and "val_loss" not in line
+    ]
+    return losses, result.val["loss"]
+
+
 def test_activation_checkpointing_trains_identically(data_dir, tmp_path):
     """Same losses and weights with and without recomputation (fp32, CPU, with dropout)."""
-    runs = {}
-    for flag in ("false", "true"):
-        out = tmp_path / f"ckpt_{flag}"
-        cfg = _cfg(
+    runs = {
+        flag: _train_losses(
             data_dir,
-            out,
+            tmp_path / f"ckpt_{flag}",
             "train.max_steps=4",
             "train.eval_every=4",
-            "train.sample_tokens=0",
             "model.dropout=0.1",
-            "train.log_every=1",
             f"train.activation_checkpointing={flag}",
-        )
-        result = Trainer(cfg, progress=False).run()
-        losses = [
-            json.loads(line)["loss"]
-            for line in (out / "metrics.jsonl").read_text().splitlines()
-            if '"loss"' in line and "val_loss" not in line
-        ]
-        runs[flag] = (losses, result.val["loss"])
+        )  # fmt: skip
+        for flag in ("false", "true")
+    }
     assert runs["true"] == runs["false"] and len(runs["true"][0]) == 4
 
 
 @pytest.mark.parametrize("arch", ["transformer", "rnn"])
 def test_fused_cross_entropy_trains_like_the_logits_path(data_dir, tmp_path, arch):
     """train.fused_cross_entropy: the same per-step losses (fp32, to rounding) as without."""
-    runs = {}
-    for flag in ("false", "true"):
-        out = tmp_path / f"{arch}_{flag}"
-        cfg = _cfg(
+    runs = {
+        flag: _train_losses(
             data_dir,
-            out,
+            tmp_path / f"{arch}_{flag}",
             f"model.arch={arch}",
             "model.d_hidden=32",
             "train.max_steps=5",
             "train.eval_every=5",
-            "train.sample_tokens=0",
-            "train.log_every=1",
             f"train.fused_cross_entropy={flag}",
-        )
-        result = Trainer(cfg, progress=False).run()
-        losses = [
-            json.loads(line)["loss"]
-            for line in (out / "metrics.jsonl").read_text().splitlines()
-            if '"loss"' in line and "val_loss" not in line
-        ]
-        runs[flag] = (losses, result.val["loss"])
+        )  # fmt: skip
+        for flag in ("false", "true")
+    }
     assert len(runs["true"][0]) == 5
     assert runs["true"][0] == pytest.approx(runs["false"][0], abs=1e-5)
     assert runs["true"][1] == pytest.approx(runs["false"][1], abs=1e-5)
