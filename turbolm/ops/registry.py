@@ -213,9 +213,14 @@ def select(
 
 
 def _functorch_active() -> bool:
-    """Whether a torch.func transform (vmap, grad, jacrev ...) is running."""
-    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
+    """Whether a torch.func transform (vmap, grad, jacrev ...) is running: not torch.compile's
+    own functionalization, and not while Dynamo traces (it shows an interpreter there too)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", None)
+    top = peek() if peek is not None else None
+    if top is None or torch.compiler.is_compiling():
+        return False
+    return top.key() != functorch.TransformType.Functionalize
 
 
 def _select_for_functorch(op, device_type, name, source, backends, inputs) -> Backend:
