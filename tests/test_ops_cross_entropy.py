@@ -216,8 +216,8 @@ def test_cpu_step_gradcheck_and_opcheck():
 
 def test_default_chunk_rows_bounds_the_logits():
     assert ce.default_chunk_rows(8192, 4096, 128256) == 256  # 256 x 128256 ~ 8192 x 4096
-    assert ce.default_chunk_rows(4096, 768, 50257) == 56  # multiple of 8 below 62
-    assert ce.default_chunk_rows(2048, 192, 4096) == 512  # the 2M-logit floor
+    assert ce.default_chunk_rows(4096, 768, 50257) == 80  # the 4M-logit floor: 83 rows
+    assert ce.default_chunk_rows(2048, 192, 4096) == 1024  # the 4M-logit floor
     assert ce.default_chunk_rows(5, 768, 100) == 5
     assert ce.default_chunk_rows(1, 4, 10**8) == 1
 
