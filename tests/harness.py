@@ -103,3 +103,24 @@ def check_backend(
             f"(baseline error {base_err:.3g})"
         )
     return errors
+
+
+def assert_fresh_process_prints(script: str, marker: str) -> None:
+    """Run ``script`` in a new Python process (repository root, ``TURBOLM_BACKEND`` unset, so
+    nothing turbolm loaded here is loaded there) and assert it succeeds and prints ``marker``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={k: v for k, v in os.environ.items() if k != "TURBOLM_BACKEND"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0 and marker in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-4000:]
+    )

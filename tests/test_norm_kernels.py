@@ -18,7 +18,7 @@ if not torch.cuda.is_available():  # Triton on CPU tensors: the interpreter (bef
 
 import pytest  # noqa: E402
 
-from tests.harness import OpCase, check_backend  # noqa: E402
+from tests.harness import OpCase, assert_fresh_process_prints, check_backend  # noqa: E402
 from turbolm import ext  # noqa: E402
 from turbolm.errors import BackendError, DeviceError, DTypeError, ShapeError  # noqa: E402
 from turbolm.ops import (  # noqa: E402
@@ -318,21 +318,7 @@ def test_torch_compile_fullgraph_first_call(built):
     the backend selection, the extension load and the kernels' first-use lookups ran inside
     the trace (a file lock, an import, filling a cache inside the autograd.Function) and failed
     with 'Unsupported'. A fresh process, so nothing is loaded."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    result = subprocess.run(
-        [sys.executable, "-c", COLD_COMPILE_SCRIPT],
-        env={k: v for k, v in os.environ.items() if k != "TURBOLM_BACKEND"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert result.returncode == 0 and "cold compile ok" in result.stdout, (
-        result.stdout[-2000:] + result.stderr[-4000:]
-    )
+    assert_fresh_process_prints(COLD_COMPILE_SCRIPT, "cold compile ok")
 
 
 # ---- typed errors ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():  # Triton on CPU tensors: the interpreter (bef
 
 import pytest  # noqa: E402
 
-from tests.harness import check_backend  # noqa: E402
+from tests.harness import assert_fresh_process_prints, check_backend  # noqa: E402
 from tests.test_ops_rnn import (  # noqa: E402
     BF16_ATOL,
     MODES,
@@ -492,21 +492,7 @@ def test_torch_compile_fullgraph_first_call(built):
     """torch.compile(fullgraph=True) where the compiled call is the process's first RNN call
     (the extension built but not loaded): the selection loaded the extension inside the trace
     (file I/O, a lock) and failed with 'Unsupported'. A fresh process, so nothing is loaded."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    result = subprocess.run(
-        [sys.executable, "-c", COLD_COMPILE_SCRIPT],
-        env={k: v for k, v in os.environ.items() if k != "TURBOLM_BACKEND"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert result.returncode == 0 and "cold compile ok" in result.stdout, (
-        result.stdout[-2000:] + result.stderr[-4000:]
-    )
+    assert_fresh_process_prints(COLD_COMPILE_SCRIPT, "cold compile ok")
 
 
 # --- backend selection -------------------------------------------------------------------------
